@@ -1,0 +1,46 @@
+# llmc developer tasks. Everything runs in the virtual environment .venv.
+#
+#   make setup       create .venv, install llmc[dev] (CPU torch first), fetch the quickstart model
+#   make quickstart  run configs/quickstart.yml on the real SmolLM2-135M model, offline
+#   make test        run the test suite, the real-model tests included
+#   make lint        ruff check
+#   make clean       remove caches and build output (keeps .venv and the model cache)
+#   make distclean   clean, and remove .venv too
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+# torch is installed first and pinned: 2.13.0 is the CPU build that lies on this machine's disk.
+# Any other spec (plain `torch`, a range) lets pip pull a CUDA build of several GB.
+TORCH  := torch==2.13.0
+
+.PHONY: setup quickstart test lint clean distclean
+
+setup: $(VENV)/.installed
+	$(PY) -m llmc.fetch
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall only when pyproject.toml changes (or the venv is new).
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+quickstart: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/llmc run configs/quickstart.yml
+
+test: setup
+	HF_HUB_OFFLINE=1 LLMC_REQUIRE_REAL_MODEL=1 $(PY) -m pytest -q -p no:cacheprovider
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check llmc tests
+
+clean:
+	rm -rf build dist .pytest_cache .ruff_cache .hypothesis *.egg-info llmc.egg-info
+	find llmc tests -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,3 @@
+from llmc.cli import main
+
+raise SystemExit(main())

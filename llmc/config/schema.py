@@ -1,0 +1,168 @@
+"""Typed configuration, with ModelTC/llmc's section and key names.
+
+An llmc YAML config runs here with at most its paths changed. Every section forbids
+unknown keys; `llmc.config.loader` turns pydantic's errors into one line that names
+the key and suggests the closest valid one.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+WEIGHT_GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+ACT_GRANULARITIES = ("per_tensor", "per_token")
+EVAL_POSITIONS = ("pretrain", "transformed", "fake_quant")
+
+
+def _check_bit(v: int) -> int:
+    if not 2 <= v <= 8:
+        raise ValueError(f"bit={v} is outside 2..8; use an integer bit width from 2 to 8")
+    return v
+
+
+Bit = Annotated[int, AfterValidator(_check_bit)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BaseSection(Section):
+    seed: int = Field(42, description="Seed for every random choice (calibration windows, torch).")
+    device: str = Field(
+        "auto", description="Compute device for one block at a time: auto (cuda if present), cpu, cuda, cuda:N."
+    )
+
+
+class ModelSection(Section):
+    type: str = Field("auto", description="Adapter name (Llama, Mistral, Qwen2, SmolLM, OPT...) or auto.")
+    path: str = Field(..., description="HF model folder or hub id (hub only when online).")
+    tokenizer_path: str | None = Field(None, description="Tokenizer folder; defaults to model.path.")
+    tokenizer_mode: Literal["fast", "slow"] = Field("fast", description="Accepted for llmc compatibility.")
+    gguf_file: str | None = Field(None, description="GGUF file name inside model.path (dequantized on load).")
+    torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="dtype of the loaded model; auto keeps the checkpoint's (float32 for GGUF)."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint folder.")
+
+
+class CalibSection(Section):
+    name: str = Field("wikitext2", description="pileval, c4, wikitext2, ptb or custom.")
+    download: bool = Field(False, description="Fetch `name` with HF datasets (needs network).")
+    path: str | None = Field(None, description="Local file or folder; default: the bundled copy of `name`.")
+    n_samples: int = Field(128, ge=1, description="Number of calibration sequences.")
+    bs: int = Field(1, description="Sequences per forward batch; -1 = all in one batch.")
+    seq_len: int = Field(512, ge=2, description="Tokens per calibration sequence.")
+    preproc: str = Field("general", description="general (random windows) or padded_docs.")
+    seed: int | None = Field(None, description="Seed for sampling; defaults to base.seed.")
+    text_key: str = Field("text", description="Field holding the text in .json/.jsonl/.parquet files.")
+
+    @field_validator("bs")
+    @classmethod
+    def _bs(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError("bs must be a positive batch size or -1 (all samples in one batch)")
+        return v
+
+
+class EvalSection(Section):
+    eval_pos: list[Literal["pretrain", "transformed", "fake_quant"]] = Field(
+        default_factory=lambda: ["pretrain", "fake_quant"], description="When to measure perplexity."
+    )
+    name: str | list[str] = Field("wikitext2", description="wikitext2, c4, ptb or custom (one or a list).")
+    download: bool = Field(False, description="Fetch `name` with HF datasets (needs network).")
+    path: str | None = Field(None, description="Local file or folder; default: the bundled copy.")
+    seq_len: int = Field(2048, ge=2, description="Tokens per non-overlapping window.")
+    bs: int = Field(1, ge=1, description="Windows per forward batch.")
+    max_windows: int | None = Field(None, ge=1, description="Evaluate only the first N windows (None = all).")
+    inference_per_block: bool = Field(False, description="Stream blocks through the device (big models).")
+
+    @property
+    def names(self) -> list[str]:
+        return [self.name] if isinstance(self.name, str) else list(self.name)
+
+
+class WeightQuantSection(Section):
+    bit: Bit = Field(4, description="Integer bits, 2..8.")
+    symmetric: bool = Field(False, description="Symmetric (no zero point) or asymmetric range.")
+    granularity: Literal["per_tensor", "per_channel", "per_group"] = Field("per_group")
+    group_size: int = Field(128, description="Input features per group for per_group; -1 otherwise.")
+    calib_algo: Literal["minmax", "mse"] = Field("minmax", description="Range: min/max or MSE clip search.")
+    partial_group: bool = Field(
+        False, description="Allow a narrower last group where group_size does not divide the input features."
+    )
+
+    @model_validator(mode="after")
+    def _group(self) -> WeightQuantSection:
+        if self.granularity == "per_group" and self.group_size < 1:
+            raise ValueError("per_group needs group_size >= 1 (e.g. 128); or use granularity: per_channel")
+        return self
+
+
+class ActQuantSection(Section):
+    bit: Bit = Field(8, description="Integer bits, 2..8.")
+    symmetric: bool = Field(True)
+    granularity: Literal["per_tensor", "per_token"] = Field("per_token")
+    static: bool = Field(False, description="Calibrate one fixed range (per_tensor only) instead of dynamic.")
+    calib_algo: Literal["minmax", "mse"] = Field("minmax")
+
+    @model_validator(mode="after")
+    def _static(self) -> ActQuantSection:
+        if self.static and self.granularity != "per_tensor":
+            raise ValueError("static activation quantization needs granularity: per_tensor")
+        return self
+
+
+class IgnoredLayers(Section):
+    block_ids: list[int | str] = Field(default_factory=list, description="Blocks left in float: 0, '3-5'.")
+    layer_names: list[str] = Field(default_factory=list, description="Linear names in a block: mlp.down_proj.")
+    speical_names: list[str] = Field(default_factory=list, description="Full module names (llmc's spelling).")
+
+    def blocks(self) -> set[int]:
+        out: set[int] = set()
+        for b in self.block_ids:
+            if isinstance(b, int):
+                out.add(b)
+            else:
+                lo, _, hi = str(b).partition("-")
+                out.update(range(int(lo), int(hi or lo) + 1))
+        return out
+
+
+class QuantSection(Section):
+    method: str = Field("RTN", description="RTN (alias Naive); more methods register themselves.")
+    weight: WeightQuantSection = Field(default_factory=WeightQuantSection)
+    act: ActQuantSection | None = Field(None, description="Activation quantization; omit for weight-only.")
+    special: dict[str, Any] = Field(default_factory=dict, description="Method-specific keys.")
+    quant_out: bool = Field(False, description="Feed the next block from the quantized block's outputs.")
+    ignored_layers: IgnoredLayers = Field(default_factory=IgnoredLayers)
+
+
+class SaveSection(Section):
+    save_trans: bool = Field(False, description="Write the transformed float model.")
+    save_fake: bool = Field(False, description="Write the model with fake-quantized weights.")
+    save_path: str | None = Field(None, description="Output folder; created atomically at the end.")
+    overwrite: bool = Field(False, description="Replace an existing save_path.")
+
+
+class LlmcConfig(Section):
+    base: BaseSection = Field(default_factory=BaseSection)
+    model: ModelSection
+    calib: CalibSection | None = None
+    eval: EvalSection | None = None
+    quant: QuantSection | None = None
+    save: SaveSection = Field(default_factory=SaveSection)
+
+    @model_validator(mode="after")
+    def _consistency(self) -> LlmcConfig:
+        if (self.save.save_trans or self.save.save_fake) and not self.save.save_path:
+            raise ValueError("save_trans/save_fake need save.save_path; set save.save_path: ./outputs/run1")
+        if self.quant is not None and self.quant.act is not None and self.quant.act.static and self.calib is None:
+            raise ValueError("static activation quantization needs a calib section to calibrate ranges")
+        return self
+
+    @property
+    def calib_seed(self) -> int:
+        return self.base.seed if self.calib is None or self.calib.seed is None else self.calib.seed

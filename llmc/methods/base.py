@@ -1,0 +1,81 @@
+"""The interface every compression method implements, and the method registry.
+
+A method says what to do with one block (`process_block`); the pipeline decides when.
+Method-specific keys live under `quant.special` and are validated by the method's own
+pydantic model `Special`, so unknown keys there are errors too.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from llmc.config.loader import explain_validation_error
+from llmc.config.schema import QuantSection
+from llmc.errors import ConfigError
+from llmc.pipeline.blockwise import BlockContext
+from llmc.quant.fake_linear import FakeQuantLinear
+from llmc.quant.quantizer import IntQuantizer
+
+METHODS: dict[str, type[QuantMethod]] = {}
+
+
+class NoSpecial(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class QuantMethod:
+    name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    needs_calibration: ClassVar[bool] = True
+    Special: ClassVar[type[BaseModel]] = NoSpecial
+
+    def __init__(self, quant: QuantSection) -> None:
+        self.quant = quant
+        try:
+            self.special = self.Special.model_validate(quant.special)
+        except ValidationError as exc:
+            raise ConfigError(f"{self.name}: quant.special.{explain_validation_error(exc)}") from None
+        w = quant.weight
+        self.weight_quantizer = IntQuantizer(
+            bit=w.bit, symmetric=w.symmetric, granularity=w.granularity, group_size=w.group_size,
+            calib_algo=w.calib_algo, partial_group=w.partial_group,
+        )
+        a = quant.act
+        self.act_quantizer = (
+            IntQuantizer(bit=a.bit, symmetric=a.symmetric, granularity=a.granularity, calib_algo=a.calib_algo)
+            if a is not None
+            else None
+        )
+
+    @property
+    def uses_calibration(self) -> bool:
+        return self.needs_calibration or (self.quant.act is not None and self.quant.act.static)
+
+    def process_block(self, ctx: BlockContext) -> None:
+        raise NotImplementedError
+
+    def wrap_linear(self, ctx: BlockContext, name: str) -> FakeQuantLinear:
+        """Replace block linear `name` by a fake-quant linear with this config's quantizers."""
+        return FakeQuantLinear.wrap(
+            ctx.block, name, self.weight_quantizer, self.act_quantizer,
+            act_static=self.quant.act is not None and self.quant.act.static,
+        )
+
+
+def register_method(cls: type[QuantMethod]) -> type[QuantMethod]:
+    for key in (cls.name, *cls.aliases):
+        METHODS[key.lower()] = cls
+    return cls
+
+
+def get_method(quant: QuantSection) -> QuantMethod:
+    cls = METHODS.get(quant.method.lower())
+    if cls is None:
+        names = sorted({c.name for c in METHODS.values()} | {a for c in METHODS.values() for a in c.aliases})
+        close = difflib.get_close_matches(quant.method, names, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"unknown quant.method {quant.method!r}; {hint}available: {', '.join(names)}")
+    return cls(quant)

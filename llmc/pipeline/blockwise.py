@@ -1,0 +1,156 @@
+"""The block-wise schedule: one decoder block on the compute device at a time.
+
+Per block: move it to the device, let each method observe and transform it, calibrate
+static activation ranges, run it to produce the next block's inputs (from the float
+block, or from the quantized one when `quant_out`), move it back. Methods only see a
+`BlockContext`; the schedule is owned here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from llmc.errors import NumericsError
+from llmc.models.adapter import LinearGroup, ModelAdapter
+from llmc.pipeline.capture import BlockInputs, tree_to
+from llmc.quant.fake_linear import FakeQuantLinear
+
+
+@dataclass
+class BlockContext:
+    """What a method may use to process one block."""
+
+    index: int
+    block: nn.Module
+    adapter: ModelAdapter
+    inputs: BlockInputs | None
+    device: torch.device
+    targets: list[str]
+    """Names (relative to the block) of the linears to quantize; ignored layers removed."""
+
+    def groups(self) -> list[tuple[LinearGroup, dict[str, nn.Module]]]:
+        """The adapter's linear groups with their modules, limited to quantization targets."""
+        out = []
+        for group in self.adapter.groups:
+            mods = {n: self.block.get_submodule(n) for n in group.linears if n in self.targets}
+            if mods:
+                out.append((group, mods))
+        return out
+
+    @torch.no_grad()
+    def forward(self) -> list[Tensor]:
+        """Run the block over all calibration batches; returns the output hidden states."""
+        if self.inputs is None:
+            raise RuntimeError("this block has no calibration inputs (no method asked for calibration)")
+        return run_block(self.block, self.inputs, self.device)
+
+    @contextlib.contextmanager
+    def hook_inputs(self, names: Sequence[str], fn: Callable[[str, Tensor], None]) -> Iterator[None]:
+        """Call `fn(name, input)` for each named submodule's input during forwards in this context."""
+        handles = [
+            self.block.get_submodule(n).register_forward_pre_hook(lambda _m, args, n=n: fn(n, args[0]))
+            for n in names
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device) -> list[Tensor]:
+    outs = []
+    for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
+        store = hidden.device
+        if store != device:
+            hidden, args, kwargs = hidden.to(device), tree_to(args, device), tree_to(kwargs, device)
+        out = block(hidden, *args, **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        outs.append(out.to(store))
+    return outs
+
+
+def check_finite(tensors: list[Tensor], where: str) -> None:
+    for t in tensors:
+        if not torch.isfinite(t).all():
+            raise NumericsError(
+                f"NaN/Inf in the activations {where}; the model overflows in this dtype or the data is bad: "
+                f"use model.torch_dtype: bfloat16 or float32, and check the model weights and calibration data"
+            )
+
+
+class BlockwisePipeline:
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: ModelAdapter,
+        device: torch.device,
+        quant_out: bool = False,
+        progress: bool = True,
+        desc: str = "blocks",
+    ) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.device = device
+        self.quant_out = quant_out
+        self.progress = progress
+        self.desc = desc
+        self.block_seconds: list[float] = []
+
+    def run(
+        self,
+        inputs: BlockInputs | None,
+        process: Callable[[BlockContext], None] | None = None,
+        targets: Callable[[int], list[str]] | None = None,
+    ) -> BlockInputs | None:
+        """Process every block in order; returns the last block's outputs (None without inputs)."""
+        blocks = self.adapter.get_blocks(self.model)
+        if inputs is not None:
+            check_finite(inputs.hidden, "entering block 0")
+        bar = tqdm(range(len(blocks)), desc=self.desc, unit="block", disable=not self.progress)
+        for index in bar:
+            start = time.perf_counter()
+            block = blocks[index]
+            home = next(block.parameters()).device
+            block.to(self.device)
+            ctx = BlockContext(
+                index=index,
+                block=block,
+                adapter=self.adapter,
+                inputs=inputs,
+                device=self.device,
+                targets=targets(index) if targets else [],
+            )
+            outs = ctx.forward() if inputs is not None and not self.quant_out else None
+            if process is not None:
+                process(ctx)
+                if inputs is not None:
+                    calibrate_static_activations(ctx)
+            if inputs is not None:
+                if outs is None:
+                    outs = ctx.forward()
+                check_finite(outs, f"leaving block {index}")
+                inputs = inputs.with_hidden(outs)
+            block.to(home)
+            self.block_seconds.append(time.perf_counter() - start)
+        bar.close()
+        return inputs
+
+
+def calibrate_static_activations(ctx: BlockContext) -> None:
+    """Observe input ranges of static-activation linears over the calibration set, then freeze them."""
+    static = [m for m in ctx.block.modules() if isinstance(m, FakeQuantLinear) and m.act_static and m.enabled]
+    if not static:
+        return
+    for m in static:
+        m.observing = True
+    ctx.forward()
+    for m in static:
+        m.finish_observing()

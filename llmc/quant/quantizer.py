@@ -1,0 +1,129 @@
+"""Integer fake quantization: ranges, quantize-dequantize, and a straight-through estimator.
+
+Weights are 2-D `[out_features, in_features]`; granularity picks the rows that share one
+scale: `per_tensor` (one), `per_channel` (one per output row), `per_group` (`group_size`
+consecutive input features of one row). Activations `[..., features]` use `per_token`
+(one per token) or `per_tensor`. Ranges come from `minmax` or `mse` (a grid search over
+clipping ratios that keeps, per row, the ratio with the lowest squared error; ratio 1.0
+is in the grid, so `mse` never does worse than `minmax`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round in the forward pass, identity gradient in the backward pass."""
+    return (x.round() - x).detach() + x
+
+
+@dataclass(frozen=True)
+class IntQuantizer:
+    bit: int
+    symmetric: bool
+    granularity: str
+    group_size: int = -1
+    calib_algo: str = "minmax"
+    partial_group: bool = False
+    """per_group only: allow a last group narrower than group_size when it does not divide the features."""
+    mse_grid: int = 100
+    mse_maxshrink: float = 0.8
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bit <= 8:
+            raise ValueError(f"bit={self.bit} is outside 2..8")
+        if self.granularity not in ("per_tensor", "per_channel", "per_group", "per_token"):
+            raise ValueError(f"unknown granularity {self.granularity!r}")
+        if self.granularity == "per_group" and self.group_size < 1:
+            raise ValueError("per_group needs group_size >= 1")
+        if self.calib_algo not in ("minmax", "mse"):
+            raise ValueError(f"unknown calib_algo {self.calib_algo!r}")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bit - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bit - 1) - 1 if self.symmetric else 2**self.bit - 1
+
+    def rows(self, x: Tensor) -> Tensor:
+        """View `x` as 2-D rows, each row sharing one scale."""
+        if self.granularity == "per_tensor":
+            return x.reshape(1, -1)
+        if self.granularity == "per_group":
+            pad = -x.shape[-1] % self.group_size
+            if pad:
+                if not self.partial_group:
+                    raise ValueError(f"group_size {self.group_size} does not divide {x.shape[-1]} input features")
+                # Repeating the last column leaves each group's min and max unchanged.
+                x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
+            return x.reshape(-1, self.group_size)
+        return x.reshape(-1, x.shape[-1])
+
+    def unrows(self, rows: Tensor, shape: torch.Size) -> Tensor:
+        """Inverse of `rows`: drop the padding of a partial last group and restore `shape`."""
+        if self.granularity == "per_group" and shape[-1] % self.group_size:
+            padded = shape[-1] + (-shape[-1] % self.group_size)
+            return rows.reshape(*shape[:-1], padded)[..., : shape[-1]]
+        return rows.reshape(shape)
+
+    def params_from_range(self, xmin: Tensor, xmax: Tensor) -> tuple[Tensor, Tensor]:
+        """Scale and zero point (both `[rows, 1]`, float) for per-row ranges."""
+        xmin = torch.minimum(xmin, torch.zeros_like(xmin))
+        xmax = torch.maximum(xmax, torch.zeros_like(xmax))
+        tiny = torch.finfo(torch.float32).tiny * 1e3
+        if self.symmetric:
+            absmax = torch.maximum(xmax, -xmin)
+            scale = (absmax / self.qmax).clamp(min=tiny)
+            zero = torch.zeros_like(scale)
+        else:
+            scale = ((xmax - xmin) / self.qmax).clamp(min=tiny)
+            zero = (-xmin / scale).round().clamp(self.qmin, self.qmax)
+        return scale, zero
+
+    def calc_qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Scale and zero point for `x` (computed in float32), shaped `[rows, 1]`."""
+        rows = self.rows(x.detach()).float()
+        xmin = rows.amin(dim=1, keepdim=True)
+        xmax = rows.amax(dim=1, keepdim=True)
+        if self.calib_algo == "minmax":
+            return self.params_from_range(xmin, xmax)
+        return self._mse_search(rows, xmin, xmax)
+
+    def _mse_search(self, rows: Tensor, xmin: Tensor, xmax: Tensor) -> tuple[Tensor, Tensor]:
+        best_scale, best_zero = self.params_from_range(xmin, xmax)
+        best_err = (self._qdq_rows(rows, best_scale, best_zero) - rows).pow(2).sum(dim=1, keepdim=True)
+        steps = int(self.mse_maxshrink * self.mse_grid)
+        for i in range(1, steps + 1):
+            ratio = 1 - i / self.mse_grid
+            scale, zero = self.params_from_range(xmin * ratio, xmax * ratio)
+            err = (self._qdq_rows(rows, scale, zero) - rows).pow(2).sum(dim=1, keepdim=True)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+        return best_scale, best_zero
+
+    def _qdq_rows(self, rows: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+        q = torch.clamp(round_ste(rows / scale) + zero, self.qmin, self.qmax)
+        return (q - zero) * scale
+
+    def quantize(self, x: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+        """Integer codes (int32) of `x`, same shape as `x`."""
+        rows = self.rows(x).float()
+        q = torch.clamp((rows / scale).round() + zero, self.qmin, self.qmax).to(torch.int32)
+        return self.unrows(q, x.shape)
+
+    def quant_dequant(self, x: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+        """Fake-quantize `x` with given parameters; same shape and dtype as `x`."""
+        out = self._qdq_rows(self.rows(x).float(), scale.float(), zero.float())
+        return self.unrows(out, x.shape).to(x.dtype)
+
+    def fake_quant(self, x: Tensor) -> Tensor:
+        scale, zero = self.calc_qparams(x)
+        return self.quant_dequant(x, scale, zero)

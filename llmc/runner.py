@@ -1,0 +1,212 @@
+"""`compress(config)`: load, evaluate, calibrate and quantize block by block, evaluate, save.
+
+Every check that can fail on user input runs before the model is loaded or any output
+is written; outputs appear only complete (see `llmc.save`).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from llmc.config.loader import load_config
+from llmc.config.schema import LlmcConfig
+from llmc.data import build_calibration, load_eval_text, load_named_documents, tokenize_windows
+from llmc.errors import ConfigError, ModelError
+from llmc.eval.perplexity import PROTOCOL, PplResult, evaluate_perplexity
+from llmc.methods import QuantMethod, get_method
+from llmc.models import LoadedModel, ModelAdapter, load_model
+from llmc.models.loader import check_model_paths
+from llmc.pipeline import BlockwisePipeline, capture_block_inputs
+from llmc.quant import quant_disabled
+from llmc.save import FAKE_DIR, TRANS_DIR, atomic_output_dir, check_output_path, save_hf_model, write_json
+
+log = logging.getLogger("llmc")
+
+
+@dataclass
+class RunResult:
+    config: LlmcConfig
+    model: nn.Module
+    tokenizer: object
+    adapter: ModelAdapter
+    perplexity: list[PplResult] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    save_path: Path | None = None
+
+    def ppl(self, position: str, dataset: str | None = None) -> float:
+        for r in self.perplexity:
+            if r.position == position and (dataset is None or r.dataset == dataset):
+                return r.ppl
+        raise KeyError(f"no perplexity measured at {position!r}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"base.device is {name!r} but CUDA is not available; set base.device: cpu (or auto)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"base.device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def compress(
+    config: LlmcConfig | str | Path | dict, overrides: list[str] | tuple[str, ...] = (), progress: bool = True
+) -> RunResult:
+    """Run everything the config asks for; returns the model and the measured numbers."""
+    cfg = config if isinstance(config, LlmcConfig) else load_config(config, overrides)
+    seed_everything(cfg.base.seed)
+    device = resolve_device(cfg.base.device)
+    method = get_method(cfg.quant) if cfg.quant is not None else None
+    out_path = check_output_path(cfg.save.save_path, cfg.save.overwrite)
+    check_model_paths(cfg.model)
+    timings: dict[str, float] = {}
+
+    calib_docs = None
+    if method is not None and method.uses_calibration:
+        if cfg.calib is None:
+            raise ConfigError(f"method {method.name} needs calibration data; add a calib section")
+        c = cfg.calib
+        calib_docs = load_named_documents(c.name, "calib", c.path, c.download, c.text_key)
+    eval_texts = {}
+    if cfg.eval is not None:
+        for name in cfg.eval.names:
+            eval_texts[name] = load_eval_text(name, cfg.eval.path, cfg.eval.download)
+
+    start = time.perf_counter()
+    loaded = load_model(cfg.model)
+    timings["load_s"] = time.perf_counter() - start
+    if method is not None:
+        check_group_size(cfg, loaded)
+    windows = {
+        name: tokenize_windows(text, loaded.tokenizer, cfg.eval.seq_len, cfg.eval.max_windows)
+        for name, text in eval_texts.items()
+    }
+    result = RunResult(cfg, loaded.model, loaded.tokenizer, loaded.adapter, timings=timings, save_path=out_path)
+
+    def evaluate(position: str) -> None:
+        if cfg.eval is None or position not in cfg.eval.eval_pos:
+            return
+        for name, win in windows.items():
+            r = evaluate_perplexity(
+                loaded.model, loaded.adapter, win, device, cfg.eval.bs, cfg.eval.inference_per_block,
+                dataset=name, position=position, progress=progress,
+            )
+            log.info("ppl %s [%s] = %.4f (%d windows x %d tokens)", name, position, r.ppl, r.windows, r.seq_len)
+            result.perplexity.append(r)
+
+    evaluate("pretrain")
+    if method is not None:
+        start = time.perf_counter()
+        quantize_model(cfg, loaded, method, device, calib_docs, progress)
+        timings["quantize_s"] = time.perf_counter() - start
+        with quant_disabled(loaded.model):
+            evaluate("transformed")
+        evaluate("fake_quant")
+    print_table(result)
+    if out_path is not None:
+        write_outputs(result, out_path, device)
+    return result
+
+
+def quantize_model(
+    cfg: LlmcConfig, loaded: LoadedModel, method: QuantMethod, device: torch.device,
+    calib_docs: list[str] | None, progress: bool,
+) -> None:
+    model, adapter = loaded.model, loaded.adapter
+    inputs = None
+    if calib_docs is not None:
+        c = cfg.calib
+        batches = build_calibration(calib_docs, loaded.tokenizer, c.n_samples, c.seq_len, c.bs, c.preproc,
+                                    cfg.calib_seed)
+        inputs = capture_block_inputs(model, adapter, batches, device)
+        log.info("captured block inputs: %d batches, %d tokens", len(inputs), inputs.num_tokens())
+    pipeline = BlockwisePipeline(model, adapter, device, quant_out=cfg.quant.quant_out, progress=progress,
+                                 desc=f"{method.name}")
+    pipeline.run(inputs, method.process_block, targets=lambda i: quant_targets(cfg, adapter, i))
+
+
+def quant_targets(cfg: LlmcConfig, adapter: ModelAdapter, index: int) -> list[str]:
+    ignored = cfg.quant.ignored_layers
+    if index in ignored.blocks():
+        return []
+    prefix = f"{adapter.blocks}.{index}."
+    return [
+        n for n in adapter.linear_names() if n not in ignored.layer_names and prefix + n not in ignored.speical_names
+    ]
+
+
+def check_group_size(cfg: LlmcConfig, loaded: LoadedModel) -> None:
+    w = cfg.quant.weight
+    if w.granularity != "per_group" or w.partial_group:
+        return
+    blocks = loaded.adapter.get_blocks(loaded.model)
+    for index in range(len(blocks)):
+        for name in quant_targets(cfg, loaded.adapter, index):
+            features = blocks[index].get_submodule(name).in_features
+            if features % w.group_size:
+                divisors = [d for d in (32, 64, 128, 256) if features % d == 0]
+                raise ModelError(
+                    f"quant.weight.group_size {w.group_size} does not divide the {features} input features of "
+                    f"{loaded.adapter.blocks}.{index}.{name}; use a divisor of {features}"
+                    + (f" (e.g. {divisors[-1]})" if divisors else "")
+                    + ", granularity: per_channel, or quant.weight.partial_group: true (narrower last group)"
+                )
+
+
+def print_table(result: RunResult) -> None:
+    if not result.perplexity:
+        return
+    print(f"\n{'position':<12} {'dataset':<10} {'windows':>8} {'seq_len':>8} {'ppl':>10}")
+    for r in result.perplexity:
+        print(f"{r.position:<12} {r.dataset:<10} {r.windows:>8} {r.seq_len:>8} {r.ppl:>10.4f}")
+    print(f"protocol: {PROTOCOL}\n")
+
+
+def results_dict(result: RunResult, device: torch.device) -> dict:
+    import transformers
+
+    from llmc import __version__
+
+    return {
+        "llmc_version": __version__,
+        "perplexity": [r.as_dict() for r in result.perplexity],
+        "protocol": PROTOCOL,
+        "seed": result.config.base.seed,
+        "calib_seed": result.config.calib_seed if result.config.calib else None,
+        "timings_s": result.timings,
+        "environment": {
+            "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "config": result.config.model_dump(mode="json"),
+    }
+
+
+def write_outputs(result: RunResult, out_path: Path, device: torch.device) -> None:
+    save = result.config.save
+    with atomic_output_dir(out_path, save.overwrite) as tmp:
+        write_json(tmp / "results.json", results_dict(result, device))
+        if save.save_trans:
+            save_hf_model(result.model, result.tokenizer, tmp / TRANS_DIR, fake=False)
+        if save.save_fake:
+            save_hf_model(result.model, result.tokenizer, tmp / FAKE_DIR, fake=True)
+    log.info("results written to %s", out_path / "results.json")
