@@ -1,0 +1,112 @@
+"""Accuracy on the real SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI) and real WikiText-2 text.
+
+Protocol: WikiText-2 test, seq_len 2048, the first N_WINDOWS windows (see llmc.eval.perplexity).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmc import compress
+from llmc.config.schema import ModelSection
+from llmc.data import load_eval_text, tokenize_windows
+from llmc.eval.perplexity import evaluate_perplexity
+from llmc.models import load_model
+
+pytestmark = pytest.mark.real_model
+
+N_WINDOWS = 4
+SEQ_LEN = 2048
+CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _model_section(path: Path) -> dict:
+    return {"type": "SmolLM", "path": str(path), "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "torch_dtype": "float32"}
+
+
+@pytest.fixture(scope="module")
+def loaded(real_model_path):
+    return load_model(ModelSection(**_model_section(real_model_path)))
+
+
+@pytest.fixture(scope="module")
+def windows(loaded):
+    return tokenize_windows(load_eval_text("wikitext2"), loaded.tokenizer, SEQ_LEN, N_WINDOWS)
+
+
+@pytest.fixture(scope="module")
+def reference_nll(loaded, windows):
+    """Per-window mean NLL straight from transformers' own loss (labels = input ids)."""
+    with torch.no_grad():
+        return [loaded.model(w[None], labels=w[None]).loss.double().item() for w in windows]
+
+
+@pytest.fixture(scope="module")
+def pretrain_ppl(loaded, windows, reference_nll):
+    result = evaluate_perplexity(loaded.model, loaded.adapter, windows, CPU, progress=False)
+    assert result.windows == N_WINDOWS and result.tokens_scored == N_WINDOWS * (SEQ_LEN - 1)
+    return result.ppl
+
+
+def test_pretrain_ppl_equals_transformers(pretrain_ppl, reference_nll):
+    assert pretrain_ppl == pytest.approx(math.exp(sum(reference_nll) / len(reference_nll)), rel=1e-5)
+    assert 10 < pretrain_ppl < 40  # a real language model, not random weights
+
+
+def test_streamed_ppl_equals_transformers(loaded, windows, reference_nll):
+    streamed = evaluate_perplexity(loaded.model, loaded.adapter, windows[:2], CPU, inference_per_block=True,
+                                   progress=False)
+    assert streamed.ppl == pytest.approx(math.exp(sum(reference_nll[:2]) / 2), rel=1e-5)
+
+
+def _quantized_ppl(path: Path, weight: dict) -> float:
+    cfg = {
+        "model": _model_section(path),
+        "eval": {"eval_pos": ["fake_quant"], "seq_len": SEQ_LEN, "max_windows": N_WINDOWS},
+        "quant": {"method": "RTN", "weight": weight},
+    }
+    return compress(cfg, progress=False).ppl("fake_quant")
+
+
+def test_rtn_w4_g128_below_twice_pretrain(real_model_path, pretrain_ppl):
+    ppl = _quantized_ppl(real_model_path, {"bit": 4, "symmetric": False, "granularity": "per_group",
+                                           "group_size": 128, "partial_group": True})
+    print(f"RTN W4 g128: {ppl:.4f} vs pretrain {pretrain_ppl:.4f}")
+    assert pretrain_ppl < ppl < 2 * pretrain_ppl
+
+
+def test_rtn_w8_per_channel_within_one_percent(real_model_path, pretrain_ppl):
+    ppl = _quantized_ppl(real_model_path, {"bit": 8, "symmetric": True, "granularity": "per_channel",
+                                           "group_size": -1})
+    print(f"RTN W8 per-channel: {ppl:.4f} vs pretrain {pretrain_ppl:.4f}")
+    assert abs(ppl - pretrain_ppl) / pretrain_ppl < 0.01
+
+
+@pytest.mark.slow
+def test_quickstart_prints_both_numbers(real_model_path, tmp_path):
+    """`llmc run configs/quickstart.yml` as a user runs it; its printed table is parsed and checked."""
+    out = tmp_path / "quickstart"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmc", "run", str(REPO / "configs" / "quickstart.yml"), "-q",
+         "--set", f"save.save_path={out}", "--set", f"model.path={real_model_path}"],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = dict(re.findall(r"^(pretrain|fake_quant)\s+wikitext2\s+8\s+2048\s+([\d.]+)$", proc.stdout, re.M))
+    assert set(rows) == {"pretrain", "fake_quant"}, proc.stdout
+    pre, fq = float(rows["pretrain"]), float(rows["fake_quant"])
+    assert 10 < pre < 40 and pre < fq < 2 * pre
+    saved = json.loads((out / "results.json").read_text())
+    assert [round(r["ppl"], 4) for r in saved["perplexity"]] == [pre, fq]
