@@ -30,6 +30,8 @@ class Section(BaseModel):
 
 
 class BaseSection(Section):
+    """Run-wide settings."""
+
     seed: int = Field(42, description="Seed for every random choice (calibration windows, torch).")
     device: str = Field(
         "auto", description="Compute device for one block at a time: auto (cuda if present), cpu, cuda, cuda:N."
@@ -37,6 +39,8 @@ class BaseSection(Section):
 
 
 class ModelSection(Section):
+    """The model to compress."""
+
     type: str = Field("auto", description="Adapter name (Llama, Mistral, Qwen2, SmolLM, OPT...) or auto.")
     path: str = Field(..., description="HF model folder or hub id (hub only when online).")
     tokenizer_path: str | None = Field(None, description="Tokenizer folder; defaults to model.path.")
@@ -49,6 +53,8 @@ class ModelSection(Section):
 
 
 class CalibSection(Section):
+    """Calibration data (never the evaluation test text)."""
+
     name: str = Field("wikitext2", description="pileval, c4, wikitext2, ptb or custom.")
     download: bool = Field(False, description="Fetch `name` with HF datasets (needs network).")
     path: str | None = Field(None, description="Local file or folder; default: the bundled copy of `name`.")
@@ -68,6 +74,8 @@ class CalibSection(Section):
 
 
 class EvalSection(Section):
+    """Perplexity evaluation (protocol in README)."""
+
     eval_pos: list[Literal["pretrain", "transformed", "fake_quant"]] = Field(
         default_factory=lambda: ["pretrain", "fake_quant"], description="When to measure perplexity."
     )
@@ -85,9 +93,13 @@ class EvalSection(Section):
 
 
 class WeightQuantSection(Section):
+    """Weight quantization."""
+
     bit: Bit = Field(4, description="Integer bits, 2..8.")
     symmetric: bool = Field(False, description="Symmetric (no zero point) or asymmetric range.")
-    granularity: Literal["per_tensor", "per_channel", "per_group"] = Field("per_group")
+    granularity: Literal["per_tensor", "per_channel", "per_group"] = Field(
+        "per_group", description="Rows sharing a scale: per_tensor, per_channel (output row), per_group."
+    )
     group_size: int = Field(128, description="Input features per group for per_group; -1 otherwise.")
     calib_algo: Literal["minmax", "mse"] = Field("minmax", description="Range: min/max or MSE clip search.")
     partial_group: bool = Field(
@@ -102,11 +114,15 @@ class WeightQuantSection(Section):
 
 
 class ActQuantSection(Section):
+    """Input-activation quantization of the quantized linears; omit for weight-only."""
+
     bit: Bit = Field(8, description="Integer bits, 2..8.")
-    symmetric: bool = Field(True)
-    granularity: Literal["per_tensor", "per_token"] = Field("per_token")
+    symmetric: bool = Field(True, description="Symmetric (no zero point) or asymmetric range.")
+    granularity: Literal["per_tensor", "per_token"] = Field(
+        "per_token", description="One scale per token (dynamic) or per tensor."
+    )
     static: bool = Field(False, description="Calibrate one fixed range (per_tensor only) instead of dynamic.")
-    calib_algo: Literal["minmax", "mse"] = Field("minmax")
+    calib_algo: Literal["minmax", "mse"] = Field("minmax", description="Range: min/max or MSE clip search.")
 
     @model_validator(mode="after")
     def _static(self) -> ActQuantSection:
@@ -116,6 +132,8 @@ class ActQuantSection(Section):
 
 
 class IgnoredLayers(Section):
+    """Linears left in float."""
+
     block_ids: list[int | str] = Field(default_factory=list, description="Blocks left in float: 0, '3-5'.")
     layer_names: list[str] = Field(default_factory=list, description="Linear names in a block: mlp.down_proj.")
     speical_names: list[str] = Field(default_factory=list, description="Full module names (llmc's spelling).")
@@ -132,6 +150,8 @@ class IgnoredLayers(Section):
 
 
 class QuantSection(Section):
+    """The compression method and its quantization settings."""
+
     method: str = Field("RTN", description="RTN (alias Naive); more methods register themselves.")
     weight: WeightQuantSection = Field(default_factory=WeightQuantSection)
     act: ActQuantSection | None = Field(None, description="Activation quantization; omit for weight-only.")
@@ -141,6 +161,8 @@ class QuantSection(Section):
 
 
 class SaveSection(Section):
+    """Outputs; everything lands in save_path (results.json always, models on request)."""
+
     save_trans: bool = Field(False, description="Write the transformed float model.")
     save_fake: bool = Field(False, description="Write the model with fake-quantized weights.")
     save_path: str | None = Field(None, description="Output folder; created atomically at the end.")
@@ -148,6 +170,8 @@ class SaveSection(Section):
 
 
 class LlmcConfig(Section):
+    """A whole llmc run."""
+
     base: BaseSection = Field(default_factory=BaseSection)
     model: ModelSection
     calib: CalibSection | None = None
