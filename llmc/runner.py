@@ -22,10 +22,10 @@ from llmc.config.schema import LlmcConfig
 from llmc.data import build_calibration, load_eval_text, load_named_documents, tokenize_windows
 from llmc.errors import ConfigError, ModelError
 from llmc.eval.perplexity import PROTOCOL, PplResult, evaluate_perplexity
-from llmc.methods import QuantMethod, get_method
+from llmc.methods import QuantMethod, get_methods
 from llmc.models import LoadedModel, ModelAdapter, load_model
 from llmc.models.loader import check_model_paths
-from llmc.pipeline import BlockwisePipeline, capture_block_inputs
+from llmc.pipeline import BlockContext, BlockwisePipeline, capture_block_inputs
 from llmc.quant import quant_disabled
 from llmc.save import FAKE_DIR, TRANS_DIR, atomic_output_dir, check_output_path, save_hf_model, write_json
 
@@ -73,15 +73,16 @@ def compress(
     cfg = config if isinstance(config, LlmcConfig) else load_config(config, overrides)
     seed_everything(cfg.base.seed)
     device = resolve_device(cfg.base.device)
-    method = get_method(cfg.quant) if cfg.quant is not None else None
+    methods = get_methods(cfg.quant) if cfg.quant is not None else []
     out_path = check_output_path(cfg.save.save_path, cfg.save.overwrite)
     check_model_paths(cfg.model)
     timings: dict[str, float] = {}
 
     calib_docs = None
-    if method is not None and method.uses_calibration:
+    needs_data = [m.name for m in methods if m.uses_calibration]
+    if needs_data:
         if cfg.calib is None:
-            raise ConfigError(f"method {method.name} needs calibration data; add a calib section")
+            raise ConfigError(f"method {needs_data[0]} needs calibration data; add a calib section")
         c = cfg.calib
         calib_docs = load_named_documents(c.name, "calib", c.path, c.download, c.text_key)
     eval_texts = {}
@@ -92,7 +93,7 @@ def compress(
     start = time.perf_counter()
     loaded = load_model(cfg.model)
     timings["load_s"] = time.perf_counter() - start
-    if method is not None:
+    if methods:
         check_group_size(cfg, loaded)
     windows = {
         name: tokenize_windows(text, loaded.tokenizer, cfg.eval.seq_len, cfg.eval.max_windows)
@@ -112,9 +113,9 @@ def compress(
             result.perplexity.append(r)
 
     evaluate("pretrain")
-    if method is not None:
+    if methods:
         start = time.perf_counter()
-        quantize_model(cfg, loaded, method, device, calib_docs, progress)
+        quantize_model(cfg, loaded, methods, device, calib_docs, progress)
         timings["quantize_s"] = time.perf_counter() - start
         with quant_disabled(loaded.model):
             evaluate("transformed")
@@ -126,7 +127,7 @@ def compress(
 
 
 def quantize_model(
-    cfg: LlmcConfig, loaded: LoadedModel, method: QuantMethod, device: torch.device,
+    cfg: LlmcConfig, loaded: LoadedModel, methods: list[QuantMethod], device: torch.device,
     calib_docs: list[str] | None, progress: bool,
 ) -> None:
     model, adapter = loaded.model, loaded.adapter
@@ -138,8 +139,16 @@ def quantize_model(
         inputs = capture_block_inputs(model, adapter, batches, device)
         log.info("captured block inputs: %d batches, %d tokens", len(inputs), inputs.num_tokens())
     pipeline = BlockwisePipeline(model, adapter, device, quant_out=cfg.quant.quant_out, progress=progress,
-                                 desc=f"{method.name}")
-    pipeline.run(inputs, method.process_block, targets=lambda i: quant_targets(cfg, adapter, i))
+                                 desc="+".join(m.name for m in methods))
+
+    def process(ctx: BlockContext) -> None:
+        for method in methods:
+            method.process_block(ctx)
+
+    pipeline.run(inputs, process, targets=lambda i: quant_targets(cfg, adapter, i))
+    timings_per_block = pipeline.block_seconds
+    log.info("quantized %d blocks in %.1f s (%.2f s per block)", len(timings_per_block), sum(timings_per_block),
+             sum(timings_per_block) / max(1, len(timings_per_block)))
 
 
 def quant_targets(cfg: LlmcConfig, adapter: ModelAdapter, index: int) -> list[str]:

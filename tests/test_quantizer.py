@@ -312,7 +312,7 @@ def test_static_activation_observe_and_freeze(symmetric):
     ref = copy.deepcopy(lin)
     aq = IntQuantizer(8, symmetric, "per_tensor")
     fq = FakeQuantLinear(lin, IntQuantizer(4, False, "per_channel"), aq, act_static=True)
-    x1, x2 = inputs(3, 32, seed=1), inputs(5, 32, seed=2) * 3
+    x1, x2 = inputs(3, 32, seed=1) - 10, inputs(5, 32, seed=2) + 3  # min from x1, max from x2
     with pytest.raises(RuntimeError, match="before calibration"):
         fq(x1)
     fq.observing = True

@@ -152,12 +152,26 @@ class IgnoredLayers(Section):
 class QuantSection(Section):
     """The compression method and its quantization settings."""
 
-    method: str = Field("RTN", description="RTN (alias Naive); more methods register themselves.")
+    method: str | list[str] = Field(
+        "RTN",
+        description="Method name (RTN/Naive, ...), or a list run in order on the same model, e.g. [AWQ, GPTQ]; "
+        "with a list, special is keyed by method name.",
+    )
     weight: WeightQuantSection = Field(default_factory=WeightQuantSection)
     act: ActQuantSection | None = Field(None, description="Activation quantization; omit for weight-only.")
     special: dict[str, Any] = Field(default_factory=dict, description="Method-specific keys.")
     quant_out: bool = Field(False, description="Feed the next block from the quantized block's outputs.")
     ignored_layers: IgnoredLayers = Field(default_factory=IgnoredLayers)
+
+    @property
+    def methods(self) -> list[str]:
+        return [self.method] if isinstance(self.method, str) else list(self.method)
+
+    @model_validator(mode="after")
+    def _methods(self) -> QuantSection:
+        if not self.methods:
+            raise ValueError("quant.method is an empty list; name at least one method, e.g. RTN")
+        return self
 
 
 class SaveSection(Section):

@@ -32,10 +32,12 @@ class QuantMethod:
     needs_calibration: ClassVar[bool] = True
     Special: ClassVar[type[BaseModel]] = NoSpecial
 
-    def __init__(self, quant: QuantSection) -> None:
+    def __init__(self, quant: QuantSection, special: dict | None = None, final: bool = True) -> None:
         self.quant = quant
+        self.final = final
+        """Whether this method leaves the block quantized; earlier methods of a composition only transform."""
         try:
-            self.special = self.Special.model_validate(quant.special)
+            self.special = self.Special.model_validate(quant.special if special is None else special)
         except ValidationError as exc:
             raise ConfigError(f"{self.name}: quant.special.{explain_validation_error(exc)}") from None
         w = quant.weight
@@ -57,8 +59,13 @@ class QuantMethod:
     def process_block(self, ctx: BlockContext) -> None:
         raise NotImplementedError
 
-    def wrap_linear(self, ctx: BlockContext, name: str) -> FakeQuantLinear:
-        """Replace block linear `name` by a fake-quant linear with this config's quantizers."""
+    def wrap_linear(self, ctx: BlockContext, name: str) -> FakeQuantLinear | None:
+        """Replace block linear `name` by a fake-quant linear with this config's quantizers.
+
+        A method that is not the last of a composition leaves the linear in float (None).
+        """
+        if not self.final:
+            return None
         return FakeQuantLinear.wrap(
             ctx.block, name, self.weight_quantizer, self.act_quantizer,
             act_static=self.quant.act is not None and self.quant.act.static,
@@ -71,11 +78,38 @@ def register_method(cls: type[QuantMethod]) -> type[QuantMethod]:
     return cls
 
 
-def get_method(quant: QuantSection) -> QuantMethod:
-    cls = METHODS.get(quant.method.lower())
+def method_class(name: str) -> type[QuantMethod]:
+    cls = METHODS.get(name.lower())
     if cls is None:
         names = sorted({c.name for c in METHODS.values()} | {a for c in METHODS.values() for a in c.aliases})
-        close = difflib.get_close_matches(quant.method, names, n=1, cutoff=0.5)
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ConfigError(f"unknown quant.method {quant.method!r}; {hint}available: {', '.join(names)}")
-    return cls(quant)
+        raise ConfigError(f"unknown quant.method {name!r}; {hint}available: {', '.join(names)}")
+    return cls
+
+
+def get_methods(quant: QuantSection) -> list[QuantMethod]:
+    """The configured methods in order; only the last one quantizes, the others transform."""
+    names = quant.methods
+    classes = [method_class(n) for n in names]
+    if len(names) == 1:
+        return [classes[0](quant)]
+    keys = {k.lower(): k for k in quant.special}
+    known = {n.lower() for n in names} | {k.lower() for c in classes for k in (c.name, *c.aliases)}
+    for key in keys:
+        if key not in known:
+            raise ConfigError(
+                f"quant.special.{keys[key]}: with several methods, special is keyed by method name; "
+                f"use one of {', '.join(names)}"
+            )
+    methods = []
+    for i, (name, cls) in enumerate(zip(names, classes)):
+        match = [keys[k] for k in keys if method_class(k) is cls] if keys else []
+        special = quant.special[match[0]] if match else {}
+        methods.append(cls(quant, special=special or {}, final=i == len(names) - 1))
+    return methods
+
+
+def get_method(quant: QuantSection) -> QuantMethod:
+    """The single configured method (the last one of a composition)."""
+    return get_methods(quant)[-1]

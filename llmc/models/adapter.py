@@ -39,6 +39,9 @@ class ModelAdapter:
     """Modules applied in order to the last block's output to get logits (missing ones are skipped)."""
     groups: tuple[LinearGroup, ...]
     aliases: tuple[str, ...] = field(default=())
+    head_dim: str = "self_attn.head_dim"
+    """Attribute path (relative to a block) of the attention head size; folding a scale from
+    v_proj into o_proj under grouped-query attention needs it."""
 
     def linear_names(self) -> list[str]:
         return [name for group in self.groups for name in group.linears]
@@ -57,6 +60,10 @@ class ModelAdapter:
 
     def pre_block_modules(self, model: nn.Module) -> list[nn.Module]:
         return [m for name in self.pre_block if (m := get_submodule_or_none(model, name)) is not None]
+
+    def block_head_dim(self, block: nn.Module) -> int:
+        owner, _, attr = self.head_dim.rpartition(".")
+        return int(getattr(block.get_submodule(owner) if owner else block, attr))
 
     def check(self, model: nn.Module) -> None:
         """Fail early, with the missing name, if the declaration does not match the model."""

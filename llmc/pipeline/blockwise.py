@@ -24,6 +24,19 @@ from llmc.quant.fake_linear import FakeQuantLinear
 
 
 @dataclass
+class ModuleCall:
+    """One recorded call of a submodule: its arguments and its (first) output."""
+
+    args: tuple
+    kwargs: dict
+    output: Tensor
+
+    def rerun(self, module: nn.Module) -> Tensor:
+        out = module(*self.args, **self.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
 class BlockContext:
     """What a method may use to process one block."""
 
@@ -50,6 +63,23 @@ class BlockContext:
         if self.inputs is None:
             raise RuntimeError("this block has no calibration inputs (no method asked for calibration)")
         return run_block(self.block, self.inputs, self.device)
+
+    @torch.no_grad()
+    def capture_calls(self, name: str) -> list[ModuleCall]:
+        """Run the block once and record every call of submodule `name` (arguments and output),
+        so a method can re-run just that module, e.g. attention with its mask and rotary embeddings."""
+        calls: list[ModuleCall] = []
+
+        def hook(_module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            calls.append(ModuleCall(args, kwargs, out))
+
+        handle = self.block.get_submodule(name).register_forward_hook(hook, with_kwargs=True)
+        try:
+            self.forward()
+        finally:
+            handle.remove()
+        return calls
 
     @contextlib.contextmanager
     def hook_inputs(self, names: Sequence[str], fn: Callable[[str, Tensor], None]) -> Iterator[None]:
