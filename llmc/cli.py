@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="llmc: %(message)s")
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     try:
         if args.command == "fetch":
             from llmc.fetch import fetch_smollm2

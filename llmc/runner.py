@@ -95,6 +95,7 @@ def compress(
     timings["load_s"] = time.perf_counter() - start
     if methods:
         check_group_size(cfg, loaded)
+    check_seq_len(cfg, loaded, calib_docs is not None)
     windows = {
         name: tokenize_windows(text, loaded.tokenizer, cfg.eval.seq_len, cfg.eval.max_windows)
         for name, text in eval_texts.items()
@@ -177,6 +178,18 @@ def check_group_size(cfg: LlmcConfig, loaded: LoadedModel) -> None:
                     + (f" (e.g. {divisors[-1]})" if divisors else "")
                     + ", granularity: per_channel, or quant.weight.partial_group: true (narrower last group)"
                 )
+
+
+def check_seq_len(cfg: LlmcConfig, loaded: LoadedModel, calibrates: bool) -> None:
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit < 1:
+        return
+    for key, section in (("calib", cfg.calib if calibrates else None), ("eval", cfg.eval)):
+        if section is not None and section.seq_len > limit:
+            raise ConfigError(
+                f"{key}.seq_len {section.seq_len} exceeds the model's {limit} positions "
+                f"(max_position_embeddings); set {key}.seq_len to at most {limit}"
+            )
 
 
 def print_table(result: RunResult) -> None:

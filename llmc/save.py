@@ -37,6 +37,11 @@ def check_output_path(save_path: str | None, overwrite: bool) -> Path | None:
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(
+            f"save.save_path {path} cannot be created: {parent} is a file, not a folder; "
+            f"choose another save.save_path"
+        )
     if not os.access(parent, os.W_OK):
         raise ConfigError(f"save.save_path {path} cannot be created (no write permission in {parent})")
     return path

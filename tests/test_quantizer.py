@@ -312,15 +312,16 @@ def test_static_activation_observe_and_freeze(symmetric):
     ref = copy.deepcopy(lin)
     aq = IntQuantizer(8, symmetric, "per_tensor")
     fq = FakeQuantLinear(lin, IntQuantizer(4, False, "per_channel"), aq, act_static=True)
-    x1, x2 = inputs(3, 32, seed=1) - 10, inputs(5, 32, seed=2) + 3  # min from x1, max from x2
+    # The max comes from the first batch, the min from the second, the last has neither.
+    batches = [inputs(3, 32, seed=1) + 20, inputs(5, 32, seed=2) - 10, inputs(2, 32, seed=4) * 0.1]
     with pytest.raises(RuntimeError, match="before calibration"):
-        fq(x1)
+        fq(batches[0])
     fq.observing = True
-    for x in (x1, x2):  # observing: activations pass through in float
+    for x in batches:  # observing: activations pass through in float
         assert torch.equal(fq(x), F.linear(x, fq.fake_weight(), ref.bias))
     fq.finish_observing()
     assert not fq.observing
-    both = torch.cat([x1, x2])
+    both = torch.cat(batches)
     scale, zero = aq.calc_qparams(both)
     torch.testing.assert_close(fq.a_scale, scale, rtol=0, atol=0)
     torch.testing.assert_close(fq.a_zero, zero, rtol=0, atol=0)

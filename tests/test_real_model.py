@@ -70,25 +70,43 @@ def test_streamed_ppl_equals_transformers(loaded, windows, reference_nll):
     assert streamed.ppl == pytest.approx(math.exp(sum(reference_nll[:2]) / 2), rel=1e-5)
 
 
-def _quantized_ppl(path: Path, weight: dict) -> float:
+def _quantized(path: Path, weight: dict, save: dict | None = None):
     cfg = {
         "model": _model_section(path),
         "eval": {"eval_pos": ["fake_quant"], "seq_len": SEQ_LEN, "max_windows": N_WINDOWS},
         "quant": {"method": "RTN", "weight": weight},
     }
-    return compress(cfg, progress=False).ppl("fake_quant")
+    if save:
+        cfg["save"] = save
+    return compress(cfg, progress=False)
 
 
-def test_rtn_w4_g128_below_twice_pretrain(real_model_path, pretrain_ppl):
-    ppl = _quantized_ppl(real_model_path, {"bit": 4, "symmetric": False, "granularity": "per_group",
-                                           "group_size": 128, "partial_group": True})
+def test_rtn_w4_g128_below_twice_pretrain_and_saves(real_model_path, pretrain_ppl, windows, tmp_path):
+    """RTN W4 g128 on the GGUF-loaded model; its save_fake/save_trans folders load with transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from llmc.quant import quant_disabled
+
+    out = tmp_path / "w4"
+    result = _quantized(real_model_path, {"bit": 4, "symmetric": False, "granularity": "per_group",
+                                          "group_size": 128, "partial_group": True},
+                        {"save_fake": True, "save_trans": True, "save_path": str(out)})
+    ppl = result.ppl("fake_quant")
     print(f"RTN W4 g128: {ppl:.4f} vs pretrain {pretrain_ppl:.4f}")
     assert pretrain_ppl < ppl < 2 * pretrain_ppl
+    ids = windows[:1, :64]
+    with torch.no_grad():
+        fake = result.model(ids).logits
+        with quant_disabled(result.model):
+            trans = result.model(ids).logits
+        for folder, expected in (("fake_quant_model", fake), ("transformed_model", trans)):
+            reloaded = AutoModelForCausalLM.from_pretrained(out / folder, dtype=torch.float32)
+            torch.testing.assert_close(reloaded(ids).logits, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_rtn_w8_per_channel_within_one_percent(real_model_path, pretrain_ppl):
-    ppl = _quantized_ppl(real_model_path, {"bit": 8, "symmetric": True, "granularity": "per_channel",
-                                           "group_size": -1})
+    ppl = _quantized(real_model_path, {"bit": 8, "symmetric": True, "granularity": "per_channel",
+                                       "group_size": -1}).ppl("fake_quant")
     print(f"RTN W8 per-channel: {ppl:.4f} vs pretrain {pretrain_ppl:.4f}")
     assert abs(ppl - pretrain_ppl) / pretrain_ppl < 0.01
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from llmc.errors import ConfigError
 def load_config(source: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> LlmcConfig:
     """Read a config from a YAML file path, a YAML string or a dict; apply `key.path=value` overrides."""
     if isinstance(source, dict):
-        raw: Any = source
+        raw: Any = copy.deepcopy(source) if overrides else source
     else:
         raw = _read_yaml(source)
     if raw is None:
@@ -38,10 +39,10 @@ def _read_yaml(source: str | Path) -> Any:
     path = Path(source)
     text: str
     is_file = isinstance(source, Path) or (
-        "\n" not in source and (source.endswith((".yml", ".yaml")) or path.is_file())
+        "\n" not in source and (source.endswith((".yml", ".yaml")) or _is_file(path))
     )
     if is_file:
-        if not path.is_file():
+        if not _is_file(path):
             raise ConfigError(f"config file {path} not found; pass the path of an existing YAML file")
         try:
             text = path.read_text(encoding="utf-8")
@@ -59,6 +60,20 @@ def _read_yaml(source: str | Path) -> Any:
         raise ConfigError(
             f"malformed YAML in {where}{pos}: {problem}; fix the indentation or quoting there"
         ) from None
+    except (ValueError, TypeError, AttributeError, RecursionError) as exc:
+        # PyYAML's constructors raise these for bad tagged or date-like values (`!!int abc`,
+        # `2001-13-01`), its composer RecursionError for absurdly deep nesting.
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ConfigError(
+            f"malformed YAML in {where}: {detail}; quote the value (or remove the !! tag) there"
+        ) from None
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # e.g. a one-line YAML string longer than NAME_MAX
+        return False
 
 
 def _apply_override(raw: dict, item: str) -> None:
@@ -76,7 +91,7 @@ def _apply_override(raw: dict, item: str) -> None:
         node = child
     try:
         node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError, RecursionError):
         node[parts[-1]] = value
 
 

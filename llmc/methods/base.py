@@ -103,7 +103,7 @@ def get_methods(quant: QuantSection) -> list[QuantMethod]:
                 f"use one of {', '.join(names)}"
             )
     methods = []
-    for i, (name, cls) in enumerate(zip(names, classes)):
+    for i, cls in enumerate(classes):
         match = [keys[k] for k in keys if method_class(k) is cls] if keys else []
         special = quant.special[match[0]] if match else {}
         methods.append(cls(quant, special=special or {}, final=i == len(names) - 1))

@@ -81,6 +81,8 @@ def load_model(cfg: ModelSection) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(expand(cfg.path), dtype=dtype, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"cannot load the model at {cfg.path} ({_first_line(exc)}); check model.path") from None
+    if cfg.gguf_file:
+        forget_gguf_origin(model)
     model.eval()
     model.requires_grad_(False)
     if getattr(model.config, "use_cache", None):
@@ -99,6 +101,14 @@ def load_model(cfg: ModelSection) -> LoadedModel:
     log.info("loaded %s (%s, %s, %.1fM parameters)", cfg.path, adapter.name, next(model.parameters()).dtype,
              sum(p.numel() for p in model.parameters()) / 1e6)
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter)
+
+
+def forget_gguf_origin(model: nn.Module) -> None:
+    """A GGUF checkpoint is dequantized to float on load, but transformers still marks the model
+    as GGUF-quantized and refuses to save it; drop that mark so save_trans/save_fake work."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)
 
 
 def _common_kwargs(cfg: ModelSection) -> dict:

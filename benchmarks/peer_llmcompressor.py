@@ -1,0 +1,107 @@
+"""Run llm-compressor (the peer) on the same model, calibration ids and eval windows as llmc.
+
+Runs in its own environment (llm-compressor pins transformers <= 5.17 and its own
+compressed-tensors); `benchmarks/accuracy.py` calls it as a subprocess:
+
+    .venv-peer/bin/python benchmarks/peer_llmcompressor.py --model DIR --calib calib.pt \
+        --windows windows.pt --method GPTQ --bits 4 --group-size 128 [--asym] [--act-bits 8]
+
+Prints one JSON line: {"ppl", "quantize_s", "versions", ...}. Perplexity is computed with
+llmc's own evaluator (same protocol, same windows) on the model llm-compressor leaves in
+memory (fake-quantized weights; activations quantized by its forward hooks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def scheme(args: argparse.Namespace):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    grouped = args.group_size > 0
+    weights = QuantizationArgs(
+        num_bits=args.bits, type="int", symmetric=not args.asym,
+        strategy="group" if grouped else "channel", group_size=args.group_size if grouped else None,
+    )
+    acts = None
+    if args.act_bits:
+        acts = QuantizationArgs(num_bits=args.act_bits, type="int", symmetric=True, strategy="token", dynamic=True)
+    return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)}
+
+
+def recipe(args: argparse.Namespace) -> list:
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+    from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+    groups = scheme(args)
+    if args.method == "GPTQ":
+        return [GPTQModifier(config_groups=groups, ignore=["lm_head"], block_size=128, dampening_frac=0.01,
+                             actorder=args.actorder)]
+    if args.method == "AWQ":
+        return [AWQModifier(config_groups=groups, ignore=["lm_head"], n_grid=20)]
+    if args.method == "SmoothQuant":
+        return [SmoothQuantModifier(smoothing_strength=args.alpha),
+                QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+    if args.method == "RTN":
+        return [QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+    raise SystemExit(f"unknown method {args.method}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--calib", required=True, help="torch file with a LongTensor [n, seq_len]")
+    parser.add_argument("--windows", required=True, help="torch file with eval windows [n, seq_len]")
+    parser.add_argument("--method", required=True, choices=["GPTQ", "AWQ", "SmoothQuant", "RTN"])
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--asym", action="store_true")
+    parser.add_argument("--act-bits", type=int, default=0)
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--actorder", default=None)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    import compressed_tensors
+    import llmcompressor
+    import transformers
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmc.eval.perplexity import evaluate_perplexity
+    from llmc.models import get_adapter
+
+    torch.manual_seed(0)
+    calib = torch.load(args.calib)
+    windows = torch.load(args.windows)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    data = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+    start = time.perf_counter()
+    oneshot(
+        model=model, tokenizer=tokenizer, dataset=data, recipe=recipe(args),
+        num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
+        shuffle_calibration_samples=False,
+    )
+    quantize_s = time.perf_counter() - start
+    model.eval()
+    device = torch.device(args.device)
+    result = evaluate_perplexity(model, get_adapter("auto", model.config.model_type), windows, device,
+                                 progress=False, dataset="wikitext2", position="fake_quant")
+    print(json.dumps({
+        "ppl": result.ppl, "quantize_s": quantize_s, "windows": result.windows, "seq_len": result.seq_len,
+        "versions": {"llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__,
+                     "transformers": transformers.__version__, "torch": torch.__version__},
+    }))
+
+
+if __name__ == "__main__":
+    main()

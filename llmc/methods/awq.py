@@ -1,0 +1,264 @@
+"""AWQ: activation-aware weight quantization (Lin et al., 2023, "AWQ: Activation-aware Weight
+Quantization for LLM Compression and Acceleration", arXiv:2306.00978), as in ModelTC/llmc.
+
+Per block, for each group of linears that share one input (the adapter's `LinearGroup`s):
+
+1. Scale search (`trans`). With x = mean |input| per channel over the calibration tokens,
+   candidate per-input-channel scales are, for alpha = i / n_grid (i < n_grid),
+   `trans_version: v2` (llmc's default, the paper's formula): s = x^alpha;
+   `trans_version: v1` (llmc's v1, AutoAWQ's "duo scaling"): s = x^alpha / w^(1 - alpha),
+   w = mean over output rows of |W| normalized by the max |W| of its quantization group.
+   s is clamped at 1e-4 and divided by sqrt(max(s) min(s)). Each candidate sets the
+   group's weights to Q(W s) / s, re-runs the group's inspect module on its recorded calls
+   and scores the squared error against the float output (float32, batch by batch).
+   The best s is folded into the producer (`fold_scales`); a linear producer with fewer
+   outputs (v_proj under grouped-query attention) gets tied scales (`tie_gqa_scales`),
+   searched already tied. A group is left unscaled when it has no producer, when one of its
+   linears is not a quantization target, or when the producer cannot absorb the scale.
+2. Weight clipping (`weight_clip`, `clip_version: v1`). Per target linear and per
+   quantization group of each output row, the weight range is shrunk by 1 - i/20,
+   i < 10, keeping the ratio that minimizes the error of the group's partial dot products
+   on 512 evenly spaced calibration tokens (as AutoAWQ); the weight is then clamped to
+   [min, max] (or [-max, max] with `clip_sym`). Acceptance rule, in place of AutoAWQ's
+   skipping of q/k by name: a linear's clip is kept only if it lowers the error of the
+   group's inspect module output with the group quantized, the same criterion as step 1.
+   So a clip whose error the attention softmax amplifies (the reason for that skip) is
+   dropped on the data.
+3. If this is the last method of the composition, every target linear is wrapped.
+
+Config keys: `quant.weight.*` (the quantizer Q), `quant.special.{trans (true), trans_version
+(v2), n_grid (20), weight_clip (true), clip_version (v1), clip_sym (quant.weight.symmetric)}`.
+The search is weight-only: activation quantization is not simulated in the objective.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from llmc.methods.base import QuantMethod, register_method
+from llmc.methods.transforms import fold_scales, producer_channels, tie_gqa_scales
+from llmc.models.adapter import LinearGroup
+from llmc.pipeline.blockwise import BlockContext, ModuleCall
+
+
+class AWQSpecial(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    trans: bool = Field(True, description="Search and fold per-channel scales.")
+    trans_version: Literal["v1", "v2"] = Field(
+        "v2", description="v2: s = x^a (paper); v1: s = x^a / w^(1-a) (AutoAWQ duo scaling)."
+    )
+    n_grid: int = Field(20, ge=1, description="Grid points of alpha in [0, 1).")
+    weight_clip: bool = Field(True, description="Search per-group weight clipping ranges.")
+    clip_version: Literal["v1"] = Field("v1", description="v1: clamp the float weight to the found range.")
+    clip_sym: bool | None = Field(None, description="Symmetric clip range; default quant.weight.symmetric.")
+
+
+Records = tuple[list[ModuleCall], list[Tensor], list[Tensor | None]]
+
+
+@register_method
+class AWQ(QuantMethod):
+    name = "AWQ"
+    Special = AWQSpecial
+    clip_grid = 20
+    clip_max_shrink = 0.5
+    clip_tokens = 512
+
+    @torch.no_grad()
+    def process_block(self, ctx: BlockContext) -> None:
+        sp = self.special
+        if sp.trans:
+            for group, mods in ctx.groups():
+                prev = self._producer(ctx, group, mods)
+                if prev is not None:
+                    self._scale_group(ctx, group.inspect, mods, prev)
+        if sp.weight_clip and self.weight_quantizer.granularity != "per_tensor":
+            for group, mods in ctx.groups():
+                self._clip_group(ctx, group.inspect, mods)
+        for name in ctx.targets:
+            self.wrap_linear(ctx, name)
+
+    # ---- scale search ------------------------------------------------------------------
+
+    def _producer(self, ctx: BlockContext, group: LinearGroup, mods: dict[str, nn.Module]) -> nn.Module | None:
+        """The op the group's scale folds into, or None when the group is left unscaled."""
+        if group.prev_op is None or len(mods) != len(group.linears):
+            return None
+        if not all(isinstance(m, nn.Linear) for m in mods.values()):
+            return None
+        prev = ctx.block.get_submodule(group.prev_op)
+        channels = next(iter(mods.values())).in_features
+        try:
+            out = producer_channels(prev)
+        except TypeError:
+            return None
+        if out == channels:
+            return prev
+        head_dim = _head_dim(ctx)
+        if isinstance(prev, nn.Linear) and head_dim and channels % out == 0 and out % head_dim == 0:
+            return prev
+        return None
+
+    def _scale_group(self, ctx: BlockContext, inspect: str, mods: dict[str, nn.Module], prev: nn.Module) -> None:
+        calls, xs, masks = _record(ctx, inspect, mods)
+        module = ctx.block.get_submodule(inspect)
+        x_mean = _channel_mean_abs(xs, masks, ctx.device)
+        linears = list(mods.values())
+        originals = [m.weight.detach().clone() for m in linears]
+        w_mean = self._weight_mean(originals, ctx.device) if self.special.trans_version == "v1" else None
+        producer_out = producer_channels(prev)
+        head_dim = _head_dim(ctx)
+
+        def candidate(alpha: float) -> Tensor:
+            s = x_mean.pow(alpha)
+            if w_mean is not None:
+                s = s / (w_mean.pow(1 - alpha) + 1e-4)
+            s = s.clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            if s.numel() != producer_out:
+                s = tie_gqa_scales(s, producer_out, head_dim)
+            return s
+
+        best_err, best_s = math.inf, None
+        for i in range(self.special.n_grid):
+            s = candidate(i / self.special.n_grid)
+            for m, w in zip(linears, originals):
+                wf = w.to(ctx.device, torch.float32) * s
+                m.weight.copy_((self.weight_quantizer.fake_quant(wf) / s).to(w.dtype))
+            err = _output_error(module, calls, masks)
+            if err < best_err:
+                best_err, best_s = err, s
+        for m, w in zip(linears, originals):
+            m.weight.copy_(w)
+        if best_s is not None:
+            fold_scales(prev, linears, best_s, head_dim)
+
+    def _weight_mean(self, weights: list[Tensor], device: torch.device) -> Tensor:
+        """Mean over output rows of |W| normalized by its quantization group's max |W|."""
+        w = torch.cat([t.to(device, torch.float32) for t in weights])
+        rows = self.weight_quantizer.rows(w).abs()
+        rows = rows / (rows.amax(dim=1, keepdim=True) + 1e-6)
+        return self.weight_quantizer.unrows(rows, w.shape).mean(dim=0)
+
+    # ---- weight clipping ---------------------------------------------------------------
+
+    def _clip_group(self, ctx: BlockContext, inspect: str, mods: dict[str, nn.Module]) -> None:
+        mods = {n: m for n, m in mods.items() if isinstance(m, nn.Linear)}
+        if not mods:
+            return
+        calls, xs, masks = _record(ctx, inspect, mods)
+        module = ctx.block.get_submodule(inspect)
+        sample = _token_sample(xs, masks, self.clip_tokens, ctx.device)
+        del xs
+        floats = {n: m.weight.detach().to(ctx.device, torch.float32).clone() for n, m in mods.items()}
+        dtype = next(iter(mods.values())).weight.dtype
+        fq = self.weight_quantizer.fake_quant
+        for n, m in mods.items():
+            m.weight.copy_(fq(floats[n]).to(dtype))
+        best = _output_error(module, calls, masks)
+        for n, m in mods.items():
+            clipped = self._clip_weight(floats[n], sample)
+            m.weight.copy_(fq(clipped).to(dtype))
+            err = _output_error(module, calls, masks)
+            if err < best:
+                best, floats[n] = err, clipped
+            else:
+                m.weight.copy_(fq(floats[n]).to(dtype))
+        for n, m in mods.items():
+            m.weight.copy_(floats[n].to(dtype))
+
+    def _clip_weight(self, w: Tensor, x: Tensor) -> Tensor:
+        """Clamp each quantization group of `w` [out, in] to the range with the least output error on `x`."""
+        q = self.weight_quantizer
+        out_features, in_features = w.shape
+        rows = q.rows(w)  # [out * groups, group] (per_group) or [out, in] (per_channel)
+        size = rows.shape[1]
+        groups = rows.shape[0] // out_features
+        rows = rows.view(out_features, groups, size)
+        x = F.pad(x, (0, groups * size - in_features)).view(-1, groups, size).transpose(0, 1)  # [g, n, size]
+        sym = q.symmetric if self.special.clip_sym is None else self.special.clip_sym
+        chunk = max(1, 2**24 // (groups * x.shape[1]))
+        clipped = []
+        for start in range(0, out_features, chunk):
+            wc = rows[start : start + chunk]  # [o, g, size]
+            hi0 = wc.abs().amax(dim=-1, keepdim=True) if sym else wc.amax(dim=-1, keepdim=True)
+            lo0 = -hi0 if sym else wc.amin(dim=-1, keepdim=True)
+            ref = torch.bmm(x, wc.permute(1, 2, 0))  # [g, n, o]
+            best_err = torch.full(hi0.shape, math.inf, device=w.device)
+            best_lo, best_hi = lo0.clone(), hi0.clone()
+            for i in range(int(self.clip_max_shrink * self.clip_grid)):
+                ratio = 1 - i / self.clip_grid
+                lo, hi = lo0 * ratio, hi0 * ratio
+                qw = q.fake_quant(torch.clamp(wc, lo, hi).reshape(-1, size)).view_as(wc)
+                err = (torch.bmm(x, qw.permute(1, 2, 0)) - ref).pow(2).mean(dim=1).T.unsqueeze(-1)  # [o, g, 1]
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+            clipped.append(torch.clamp(wc, best_lo, best_hi))
+        return q.unrows(torch.cat(clipped).reshape(-1, size), w.shape)
+
+
+# ---- helpers ---------------------------------------------------------------------------
+
+
+def _head_dim(ctx: BlockContext) -> int | None:
+    try:
+        return ctx.adapter.block_head_dim(ctx.block)
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def _record(ctx: BlockContext, inspect: str, mods: dict[str, nn.Module]) -> Records:
+    """One block forward: the inspect module's calls and the group's input per batch, with token masks."""
+    xs: list[Tensor] = []
+    with ctx.hook_inputs([next(iter(mods))], lambda _n, x: xs.append(x)):
+        calls = ctx.capture_calls(inspect)
+    masks = list(ctx.inputs.token_masks) if ctx.inputs is not None else []
+    if len(masks) != len(calls) or len(xs) != len(calls):
+        masks = [None] * len(calls)
+    return calls, xs, masks
+
+
+def _real_tokens(t: Tensor, mask: Tensor | None) -> Tensor:
+    """Rows of `t` [..., features] for the real (non-padding) tokens."""
+    if mask is not None and t.dim() == 3 and t.shape[:2] == mask.shape:
+        return t[mask.to(t.device)]
+    return t.reshape(-1, t.shape[-1])
+
+
+def _channel_mean_abs(xs: list[Tensor], masks: list[Tensor | None], device: torch.device) -> Tensor:
+    total, count = None, 0
+    for x, mask in zip(xs, masks):
+        rows = _real_tokens(x, mask).to(device, torch.float32)
+        part = rows.abs().sum(dim=0)
+        total = part if total is None else total + part
+        count += rows.shape[0]
+    return total / max(count, 1)
+
+
+def _token_sample(xs: list[Tensor], masks: list[Tensor | None], n: int, device: torch.device) -> Tensor:
+    """About `n` evenly spaced real tokens of the group's input, float32, batch by batch."""
+    total = sum(_real_tokens(x, mask).shape[0] for x, mask in zip(xs, masks))
+    step, seen, parts = max(1, total // n), 0, []
+    for x, mask in zip(xs, masks):
+        rows = _real_tokens(x, mask)
+        parts.append(rows[(-seen) % step :: step].to(device, torch.float32))
+        seen += rows.shape[0]
+    return torch.cat(parts)[:n]
+
+
+def _output_error(module: nn.Module, calls: list[ModuleCall], masks: list[Tensor | None]) -> float:
+    """Summed squared error (float32) of re-running `module` against its recorded outputs."""
+    total = None
+    for call, mask in zip(calls, masks):
+        diff = _real_tokens(call.rerun(module).float() - call.output.float(), mask)
+        err = diff.pow(2).sum()
+        total = err if total is None else total + err
+    return float(total) if total is not None else 0.0

@@ -1,0 +1,260 @@
+"""GPTQ: quantize weights column by column, spreading each column's rounding error over the
+columns not yet quantized with the inverse Hessian of the layer's reconstruction loss.
+
+Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", arXiv:2210.17323 (Algorithm 1: lazy batch updates over blocks of columns,
+Cholesky form of the inverse Hessian; "act-order" and static groups from the reference code).
+
+Per group of linears sharing an input, H = 2/n * sum X^T X over the n real (non-padding)
+calibration tokens. With `true_sequential`, groups are quantized in execution order and each
+Hessian is measured with the earlier groups already quantized. The linear's float weight
+becomes the GPTQ result Q, and its fake-quant parameters are the ones GPTQ used, so
+`fake_weight()` reproduces Q exactly (the "transformed" model is therefore Q too).
+
+Config keys: `quant.weight.{bit, symmetric, granularity, group_size, calib_algo, partial_group}`,
+`quant.act.*` (applied to the linears' inputs as for RTN), and `quant.special`:
+  percdamp (0.01): damping added to diag(H), as a fraction of its mean;
+  blocksize (128): columns per lazy batch update;
+  actorder (false): quantize columns in order of decreasing diag(H);
+  static_groups (false): per_group params from the original weight up front, so groups stay
+    contiguous under actorder;
+  true_sequential (true): measure each group's Hessian after quantizing the groups before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from llmc.errors import NumericsError
+from llmc.methods.base import QuantMethod, register_method
+from llmc.pipeline.blockwise import BlockContext
+from llmc.quant.fake_linear import FakeQuantLinear
+from llmc.quant.quantizer import IntQuantizer
+
+DAMP_RETRIES = 4
+
+
+class GptqSpecial(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    percdamp: float = Field(0.01, gt=0, description="Damping of diag(H), as a fraction of its mean.")
+    blocksize: int = Field(128, ge=1, description="Columns per lazy batch update.")
+    actorder: bool = Field(False, description="Quantize columns in order of decreasing diag(H).")
+    static_groups: bool = Field(False, description="per_group params from the original weight, up front.")
+    true_sequential: bool = Field(True, description="Hessian of each group after quantizing earlier groups.")
+
+
+@dataclass
+class GptqResult:
+    weight: Tensor
+    """Q, the dequantized GPTQ weight `[out, in]` (float32, original column order)."""
+    scale: Tensor
+    """`[rows, 1]` in the rows() layout of the quantizer; per_group: row `o * n_groups + g` for group g."""
+    zero: Tensor
+    g_idx: Tensor
+    """`[in]` int64: the group of each input column (all 0 unless per_group)."""
+
+
+def qdq_elementwise(w: Tensor, scale: Tensor, zero: Tensor, quantizer: IntQuantizer) -> Tensor:
+    """Quantize-dequantize with broadcast params; the same arithmetic as `IntQuantizer.quant_dequant`."""
+    q = torch.clamp(torch.round(w / scale) + zero, quantizer.qmin, quantizer.qmax)
+    return (q - zero) * scale
+
+
+def natural_g_idx(columns: int, quantizer: IntQuantizer, device: torch.device | None = None) -> Tensor:
+    """The group of each column when groups are contiguous (what FakeQuantLinear assumes)."""
+    idx = torch.arange(columns, device=device)
+    return idx // quantizer.group_size if quantizer.granularity == "per_group" else torch.zeros_like(idx)
+
+
+def inverse_hessian_cholesky(hessian: Tensor, percdamp: float) -> Tensor:
+    """Upper Cholesky factor of (H + damp*I)^-1; damping grows 10x per retry when H is not positive definite."""
+    damp = percdamp * torch.diag(hessian).mean().item()
+    eye = torch.eye(hessian.shape[0], device=hessian.device, dtype=hessian.dtype)
+    for _ in range(DAMP_RETRIES):
+        chol, info = torch.linalg.cholesky_ex(hessian + damp * eye)
+        if info.item() == 0 and torch.isfinite(chol).all():
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if info.item() == 0 and torch.isfinite(upper).all():
+                return upper
+        damp *= 10
+    raise NumericsError(
+        f"the Hessian is not positive definite even with damping {damp / 10:.3g} "
+        f"({DAMP_RETRIES} tries from percdamp); the calibration activations are degenerate or not finite: "
+        f"use more or other calibration data, a larger quant.special.percdamp, or model.torch_dtype: float32"
+    )
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: Tensor,
+    hessian: Tensor,
+    quantizer: IntQuantizer,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    actorder: bool = False,
+    static_groups: bool = False,
+) -> GptqResult:
+    """GPTQ for one weight `[out, in]` given the Hessian `[in, in]` of its input (math in float32)."""
+    W = weight.detach().float().clone()
+    H = hessian.detach().to(W.device, torch.float32).clone()
+    cols = W.shape[1]
+    # A column whose input is always zero does not matter; zero it so it cannot widen a range.
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    grouped = quantizer.granularity == "per_group"
+    gs = quantizer.group_size if grouped else cols
+    n_groups = -(-cols // gs)
+    # Each group's params are per row over its columns: a per_channel quantizer on a column slice.
+    slice_quantizer = dataclasses.replace(quantizer, granularity="per_channel", group_size=-1)
+    params: list[tuple[Tensor, Tensor] | None] = [None] * n_groups
+    if not grouped:
+        scale, zero = quantizer.calc_qparams(W)
+        params[0] = (scale.view(-1), zero.view(-1))
+    elif static_groups:
+        for g in range(n_groups):
+            scale, zero = slice_quantizer.calc_qparams(W[:, g * gs : (g + 1) * gs])
+            params[g] = (scale.view(-1), zero.view(-1))
+
+    perm = torch.argsort(torch.diag(H), descending=True) if actorder else torch.arange(cols, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    # Group of each column in processing order; only dynamic groups under actorder follow that order.
+    if grouped and not static_groups:
+        col_group = torch.arange(cols, device=W.device) // gs
+        # Blocks made of whole groups: a group's params then come from fully error-updated weights.
+        blocksize = max(1, blocksize // gs) * gs
+    else:
+        col_group = natural_g_idx(cols, quantizer, W.device)[perm]
+    groups_in_order = col_group.tolist()
+
+    Hinv = inverse_hessian_cholesky(H, percdamp)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            g = groups_in_order[i1 + i]
+            if params[g] is None:
+                scale, zero = slice_quantizer.calc_qparams(W1[:, i : i + gs])
+                params[g] = (scale.view(-1), zero.view(-1))
+            scale, zero = params[g]
+            w = W1[:, i]
+            q = qdq_elementwise(w, scale, zero, quantizer)
+            Q[:, i1 + i] = q
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+            Err1[:, i] = err
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+
+    inv = torch.argsort(perm)
+    scale = torch.stack([p[0] for p in params], dim=1)
+    zero = torch.stack([p[1] for p in params], dim=1)
+    return GptqResult(Q[:, inv], scale.reshape(-1, 1), zero.reshape(-1, 1), col_group[inv].long())
+
+
+class GroupIndexFakeQuantLinear(FakeQuantLinear):
+    """A fake-quant linear whose per_group params belong to arbitrary column groups `g_idx`
+    (GPTQ act-order with dynamic groups), instead of contiguous runs of `group_size` columns."""
+
+    def fake_weight(self) -> Tensor:
+        scale = self.w_scale.view(self.out_features, -1)[:, self.g_idx]
+        zero = self.w_zero.view(self.out_features, -1)[:, self.g_idx]
+        return qdq_elementwise(self.weight.float(), scale, zero, self.weight_quantizer).to(self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", g_idx (act-order groups)"
+
+
+@register_method
+class GPTQ(QuantMethod):
+    name = "GPTQ"
+    Special = GptqSpecial
+
+    def process_block(self, ctx: BlockContext) -> None:
+        groups = [list(mods.items()) for _, mods in ctx.groups()]
+        results: list[tuple[str, GptqResult]] = []
+        if self.special.true_sequential:
+            for group in groups:
+                results += self.quantize_group(ctx, group, self.hessians(ctx, [group])[0])
+        else:
+            for group, hessian in zip(groups, self.hessians(ctx, groups)):
+                results += self.quantize_group(ctx, group, hessian)
+        # Wrapping only now keeps the Hessian forwards free of (not yet calibrated) static
+        # activation quantization; later groups already saw Q, the weights were written in place.
+        if self.final:
+            for name, result in results:
+                self.wrap(ctx, name, result)
+
+    @torch.no_grad()
+    def hessians(self, ctx: BlockContext, groups: list[list[tuple[str, nn.Module]]]) -> list[Tensor]:
+        """One forward over the calibration set; H = 2/n X^T X of each group's input (real tokens only)."""
+        first = [group[0][0] for group in groups]
+        sums = {n: None for n in first}
+        calls = dict.fromkeys(first, 0)
+        tokens = dict.fromkeys(first, 0)
+        masks = ctx.inputs.token_masks if ctx.inputs is not None else []
+
+        def add(name: str, x: Tensor) -> None:
+            batch = calls[name]  # hooks fire once per batch, in batch order
+            calls[name] += 1
+            mask = masks[batch] if batch < len(masks) else None
+            if mask is not None:
+                x = x[mask.to(x.device)]
+            x = x.reshape(-1, x.shape[-1]).to(ctx.device, torch.float32)
+            if sums[name] is None:
+                sums[name] = torch.zeros(x.shape[1], x.shape[1], device=ctx.device)
+            sums[name].addmm_(x.T, x)
+            tokens[name] += x.shape[0]
+
+        with ctx.hook_inputs(first, add):
+            ctx.forward()
+        return [sums[n] * (2 / max(tokens[n], 1)) for n in first]
+
+    def quantize_group(
+        self, ctx: BlockContext, group: list[tuple[str, nn.Module]], hessian: Tensor
+    ) -> list[tuple[str, GptqResult]]:
+        """GPTQ the group's linears and write Q into their float weights."""
+        sp, wq = self.special, self.weight_quantizer
+        # Rows are independent given H, so linears sharing it run as one stacked weight,
+        # except per_tensor where each linear needs its own single range.
+        parts = [[item] for item in group] if wq.granularity == "per_tensor" else [group]
+        out = []
+        for part in parts:
+            weight = torch.cat([m.weight for _, m in part])
+            try:
+                res = gptq_quantize(weight, hessian, wq, sp.blocksize, sp.percdamp, sp.actorder, sp.static_groups)
+            except NumericsError as exc:
+                names = ", ".join(n for n, _ in part)
+                raise NumericsError(f"GPTQ on block {ctx.index} ({names}): {exc}") from None
+            per_row = res.scale.shape[0] // weight.shape[0]
+            start = 0
+            for name, module in part:
+                stop = start + module.weight.shape[0]
+                with torch.no_grad():
+                    module.weight.copy_(res.weight[start:stop].to(module.weight.dtype))
+                span = slice(start * per_row, stop * per_row)
+                out.append((name, GptqResult(res.weight[start:stop], res.scale[span], res.zero[span], res.g_idx)))
+                start = stop
+        return out
+
+    def wrap(self, ctx: BlockContext, name: str, result: GptqResult) -> None:
+        in_features = result.weight.shape[1]
+        natural = natural_g_idx(in_features, self.weight_quantizer, result.g_idx.device)
+        if torch.equal(result.g_idx, natural):
+            fq = self.wrap_linear(ctx, name)
+        else:
+            fq = GroupIndexFakeQuantLinear.wrap(
+                ctx.block, name, self.weight_quantizer, self.act_quantizer,
+                act_static=self.quant.act is not None and self.quant.act.static,
+            )
+        fq.set_weight_qparams(result.scale, result.zero)
+        fq.register_buffer("g_idx", result.g_idx.to(fq.weight.device), persistent=False)
