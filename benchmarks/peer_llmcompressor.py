@@ -45,7 +45,8 @@ def recipe(args: argparse.Namespace) -> list:
         return [GPTQModifier(config_groups=groups, ignore=["lm_head"], block_size=128, dampening_frac=0.01,
                              actorder=args.actorder)]
     if args.method == "AWQ":
-        return [AWQModifier(config_groups=groups, ignore=["lm_head"], n_grid=20)]
+        # In llm-compressor 0.14 AWQ only transforms; a quantization modifier must follow it.
+        return [AWQModifier(n_grid=20), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
     if args.method == "SmoothQuant":
         return [SmoothQuantModifier(smoothing_strength=args.alpha),
                 QuantizationModifier(config_groups=groups, ignore=["lm_head"])]

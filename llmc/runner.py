@@ -26,6 +26,7 @@ from llmc.methods import QuantMethod, get_methods
 from llmc.models import LoadedModel, ModelAdapter, load_model
 from llmc.models.loader import check_model_paths
 from llmc.pipeline import BlockContext, BlockwisePipeline, capture_block_inputs
+from llmc.pipeline.planner import check_fits, plan_memory
 from llmc.quant import quant_disabled
 from llmc.save import FAKE_DIR, TRANS_DIR, atomic_output_dir, check_output_path, save_hf_model, write_json
 
@@ -130,14 +131,32 @@ def compress(
 def quantize_model(
     cfg: LlmcConfig, loaded: LoadedModel, methods: list[QuantMethod], device: torch.device,
     calib_docs: list[str] | None, progress: bool,
-) -> None:
-    model, adapter = loaded.model, loaded.adapter
-    inputs = None
+) -> BlockwisePipeline:
+    batches = None
     if calib_docs is not None:
         c = cfg.calib
         batches = build_calibration(calib_docs, loaded.tokenizer, c.n_samples, c.seq_len, c.bs, c.preproc,
                                     cfg.calib_seed)
-        inputs = capture_block_inputs(model, adapter, batches, device)
+    return quantize_batches(cfg, loaded.model, loaded.adapter, methods, device, batches, progress)
+
+
+def quantize_batches(
+    cfg: LlmcConfig, model: nn.Module, adapter: ModelAdapter, methods: list[QuantMethod], device: torch.device,
+    batches: list[dict] | None, progress: bool = True,
+) -> BlockwisePipeline:
+    """Plan memory, capture the first block's inputs for `batches` (token ids), then run the block loop."""
+    inputs = None
+    if batches is not None:
+        n_samples = sum(b["input_ids"].shape[0] for b in batches)
+        seq_len = batches[0]["input_ids"].shape[1]
+        plan = plan_memory(model, adapter.get_blocks(model), n_samples, seq_len, batches[0]["input_ids"].shape[0],
+                           device, method_bytes=max(m.extra_device_bytes(model, adapter, n_samples * seq_len)
+                                                    for m in methods),
+                           cache_policy=cfg.base.act_cache)
+        log.info(plan.describe())
+        check_fits(plan, device)
+        store = device if plan.cache_on_device else torch.device("cpu")
+        inputs = capture_block_inputs(model, adapter, batches, device, store_device=store)
         log.info("captured block inputs: %d batches, %d tokens", len(inputs), inputs.num_tokens())
     pipeline = BlockwisePipeline(model, adapter, device, quant_out=cfg.quant.quant_out, progress=progress,
                                  desc="+".join(m.name for m in methods))
@@ -147,9 +166,10 @@ def quantize_model(
             method.process_block(ctx)
 
     pipeline.run(inputs, process, targets=lambda i: quant_targets(cfg, adapter, i))
-    timings_per_block = pipeline.block_seconds
-    log.info("quantized %d blocks in %.1f s (%.2f s per block)", len(timings_per_block), sum(timings_per_block),
-             sum(timings_per_block) / max(1, len(timings_per_block)))
+    seconds = pipeline.block_seconds
+    log.info("quantized %d blocks in %.1f s (%.2f s per block)", len(seconds), sum(seconds),
+             sum(seconds) / max(1, len(seconds)))
+    return pipeline
 
 
 def quant_targets(cfg: LlmcConfig, adapter: ModelAdapter, index: int) -> list[str]:

@@ -25,6 +25,15 @@ from llmc.runner import quant_targets
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one thread is faster, and far faster on a loaded machine (no spin-waiting)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _config(special: dict | None = None, bit: int = 4, group_size: int = 32, method="AWQ"):
     quant = {"method": method, "weight": {"bit": bit, "group_size": group_size, "partial_group": True}}
     if special is not None:
@@ -46,7 +55,10 @@ def _random_batches(vocab: int, seed: int = 0) -> tuple[list[dict], torch.Tensor
     ids = torch.randint(3, vocab, (5, 48), generator=gen)
     mask = torch.ones(2, 48, dtype=torch.long)
     mask[1, 30:] = 0
-    return [{"input_ids": ids[:2], "attention_mask": None}, {"input_ids": ids[2:4], "attention_mask": mask}], ids[4:]
+    return [
+        {"input_ids": ids[:2], "attention_mask": None},
+        {"input_ids": ids[2:4], "attention_mask": mask},
+    ], ids[4:]
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -66,7 +78,9 @@ def test_scaling_preserves_logits(kind, trans_version):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches, held = _random_batches(model.config.vocab_size)
     expected = model(held).logits
-    _apply(model, adapter, _config({"weight_clip": False, "trans_version": trans_version}, bit=3), batches, False)
+    _apply(
+        model, adapter, _config({"weight_clip": False, "trans_version": trans_version}, bit=3), batches, False
+    )
     assert not any(isinstance(m, FakeQuantLinear) for m in model.modules())
     assert _rel_err(model(held).logits, expected) < 1e-4
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
@@ -92,15 +106,16 @@ def test_gqa_group_without_head_dim_is_left_unscaled():
 @pytest.mark.real_model
 @torch.no_grad()
 def test_scaling_preserves_logits_real_model(real_model_path):
-    loaded = load_model(ModelSection(type="SmolLM", path=str(real_model_path), gguf_file=GGUF_NAME,
-                                     torch_dtype="float32"))
+    loaded = load_model(
+        ModelSection(type="SmolLM", path=str(real_model_path), gguf_file=GGUF_NAME, torch_dtype="float32")
+    )
     model, adapter = loaded.model, loaded.adapter
-    docs = load_named_documents("c4", "calib")
-    batches = build_calibration(docs, loaded.tokenizer, 4, 128, 2, "general", 0)
-    held = build_calibration(docs, loaded.tokenizer, 1, 64, 1, "general", 1)[0]["input_ids"]
+    docs = load_named_documents("c4", "calib")[:50]
+    batches = build_calibration(docs, loaded.tokenizer, 2, 128, 1, "general", 0)
+    held = build_calibration(docs, loaded.tokenizer, 1, 48, 1, "general", 1)[0]["input_ids"]
     expected = model(held).logits
     norm = adapter.get_blocks(model)[0].input_layernorm.weight.clone()
-    _apply(model, adapter, _config({"weight_clip": False, "n_grid": 5}, group_size=128), batches, False)
+    _apply(model, adapter, _config({"weight_clip": False, "n_grid": 3}, group_size=128), batches, False)
     assert _rel_err(model(held).logits, expected) < 1e-4
     assert not torch.equal(adapter.get_blocks(model)[0].input_layernorm.weight, norm)
 
@@ -120,46 +135,67 @@ def test_awq_beats_rtn_at_w3_g32(kind, tiny_tokenizer):
         model, adapter = _tiny(kind)
         expected = model(ids).logits
         _apply(model, adapter, _config(special, bit=3, method=name.split("-")[0]), batches, True)
-        assert all(isinstance(adapter.get_blocks(model)[0].get_submodule(n), FakeQuantLinear)
-                   for n in adapter.linear_names())
+        assert all(
+            isinstance(adapter.get_blocks(model)[0].get_submodule(n), FakeQuantLinear)
+            for n in adapter.linear_names()
+        )
         errors[name] = (model(ids).logits - expected).pow(2).mean().item()
     assert errors["AWQ-scale"] < 0.95 * errors["RTN"], errors
     assert errors["AWQ"] < 0.8 * errors["RTN"], errors
 
 
 def test_compress_pipeline(tiny_model_dir):
-    result = compress(tiny_config(tiny_model_dir, quant={"method": "AWQ", "weight": {"bit": 4, "group_size": 32}}),
-                      progress=False)
+    result = compress(
+        tiny_config(tiny_model_dir, quant={"method": "AWQ", "weight": {"bit": 4, "group_size": 32}}),
+        progress=False,
+    )
     for block in result.adapter.get_blocks(result.model):
         assert all(isinstance(block.get_submodule(n), FakeQuantLinear) for n in result.adapter.linear_names())
     pretrain, quantized = result.ppl("pretrain"), result.ppl("fake_quant")
     assert 1 < pretrain < 1e4 and 1 < quantized < 1e4 and quantized != pretrain
 
 
-@pytest.mark.parametrize("final", ["RTN", pytest.param("GPTQ", marks=pytest.mark.skipif(
-    "gptq" not in METHODS, reason="GPTQ is not implemented yet"))])
+@pytest.mark.parametrize(
+    "final",
+    [
+        "RTN",
+        pytest.param(
+            "GPTQ", marks=pytest.mark.skipif("gptq" not in METHODS, reason="GPTQ is not implemented yet")
+        ),
+    ],
+)
 def test_composition_transforms_then_quantizes(tiny_llama_dir, final):
-    """[AWQ, X]: AWQ only transforms (the float model keeps its function), X quantizes every target."""
+    """[AWQ, X]: AWQ only transforms (scales folded into the norms, nothing wrapped), X quantizes every target."""
     cfg = tiny_config(
         tiny_llama_dir,
-        quant={"method": ["AWQ", final], "weight": {"bit": 4, "group_size": 32},
-               "special": {"AWQ": {"weight_clip": False}}},
+        quant={
+            "method": ["AWQ", final],
+            "weight": {"bit": 4, "group_size": 32},
+            "special": {"AWQ": {"weight_clip": False, "trans_version": "v1"}},
+        },
     )
     cfg["eval"]["eval_pos"] = ["pretrain", "transformed", "fake_quant"]
     result = compress(cfg, progress=False)
-    assert result.ppl("transformed") == pytest.approx(result.ppl("pretrain"), rel=1e-4)
+    if final == "RTN":  # RTN keeps the float weights: the transformed model is the original function
+        assert result.ppl("transformed") == pytest.approx(result.ppl("pretrain"), rel=1e-4)
     assert result.ppl("fake_quant") != pytest.approx(result.ppl("pretrain"), rel=1e-4)
     original = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).state_dict()
-    changed = [k for k, v in result.model.state_dict().items() if not torch.equal(v, original[k])]
-    assert changed, "AWQ did not transform the model"
+    norms = [k for k, v in result.model.state_dict().items() if k.endswith("layernorm.weight")]
+    assert norms and all(not torch.equal(result.model.state_dict()[k], original[k]) for k in norms)
     blocks = result.adapter.get_blocks(result.model)
-    assert all(isinstance(b.get_submodule(n), FakeQuantLinear) for b in blocks for n in result.adapter.linear_names())
+    assert all(
+        isinstance(b.get_submodule(n), FakeQuantLinear) for b in blocks for n in result.adapter.linear_names()
+    )
 
 
 @pytest.mark.parametrize(
     "special, key",
-    [({"bogus": 1}, "bogus"), ({"trans_version": "v3"}, "trans_version"), ({"clip_version": "v2"}, "clip_version"),
-     ({"n_grid": 0}, "n_grid")],
+    [
+        ({"bogus": 1}, "bogus"),
+        ({"trans_version": "v3"}, "trans_version"),
+        ({"clip_version": "v2"}, "clip_version"),
+        ({"n_grid": 0}, "n_grid"),
+    ],
 )
 def test_bad_special_is_config_error(special, key):
     with pytest.raises(ConfigError, match=key):

@@ -251,6 +251,8 @@ def test_pipeline(model, special, tiny_llama_dir, tiny_opt_dir):
     assert len(layers) == 3 * (7 if model == "llama" else 6)
     for _, fq in layers:
         assert torch.equal(fq.fake_weight(), fq.weight)
+    dynamic_actorder = special.get("actorder", False) and not special.get("static_groups", False)
+    assert any(isinstance(fq, GroupIndexFakeQuantLinear) for _, fq in layers) == dynamic_actorder
 
 
 def test_composition(tiny_llama_dir):

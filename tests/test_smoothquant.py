@@ -168,10 +168,14 @@ def test_smoothing_flattens_outliers_and_beats_rtn(kind, tiny_tokenizer):
     assert errors["SmoothQuant"] < errors["RTN"] / 2, errors
 
 
-@pytest.mark.parametrize("act", [A8_DYNAMIC, A8_STATIC], ids=["per_token", "static"])
-def test_compress_pipeline(tiny_model_dir, act):
-    cfg = tiny_config(tiny_model_dir, quant={"method": "SmoothQuant", "weight": W8, "act": act,
-                                             "special": {"alpha": 0.5}})
+@pytest.mark.parametrize(
+    ("kind", "act"), [("llama", A8_DYNAMIC), ("opt", A8_DYNAMIC), ("llama", A8_STATIC)],
+    ids=["llama-per_token", "opt-per_token", "llama-static"],
+)
+def test_compress_pipeline(request, kind, act):
+    model_dir = request.getfixturevalue(f"tiny_{kind}_dir")
+    cfg = tiny_config(model_dir, quant={"method": "SmoothQuant", "weight": W8, "act": act,
+                                        "special": {"alpha": 0.5}})
     cfg["eval"]["eval_pos"] = ["pretrain", "transformed", "fake_quant"]
     result = compress(cfg, progress=False)
     wrapped = fake_quant_modules(result.model)
@@ -210,7 +214,7 @@ def test_real_smollm2_smoothing_keeps_logits(real_model_path):
     ids = loaded.tokenizer("SmoothQuant migrates the quantization difficulty from activations to weights.",
                            return_tensors="pt").input_ids
     expected = model(ids).logits
-    batches = build_calibration(load_named_documents("c4", "calib"), loaded.tokenizer, 2, 64, 2, seed=0)
+    batches = build_calibration(load_named_documents("c4", "calib"), loaded.tokenizer, 2, 32, 2, seed=0)
     inputs = capture_block_inputs(model, adapter, batches, CPU)
     _run(model, adapter, inputs, _method(final=False, alpha=0.5))
     assert _rel(model(ids).logits, expected) < 1e-4

@@ -95,14 +95,14 @@ def _apply_override(raw: dict, item: str) -> None:
         node[parts[-1]] = value
 
 
-def explain_validation_error(exc: ValidationError) -> str:
+def explain_validation_error(exc: ValidationError, root: type[BaseModel] = LlmcConfig, prefix: str = "") -> str:
     """The first error as `section.key: problem; fix`, with a did-you-mean for unknown keys."""
     err = exc.errors()[0]
     loc = [str(p) for p in err["loc"]]
-    dotted = ".".join(loc) or "config"
+    dotted = prefix + ".".join(loc) or "config"
     etype = err["type"]
     if etype == "extra_forbidden":
-        valid = _valid_keys(LlmcConfig, loc[:-1])
+        valid = _valid_keys(root, loc[:-1])
         close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
         hint = f"did you mean {close[0]!r}?" if close else f"valid keys here: {', '.join(sorted(valid))}"
         msg = f"unknown key {dotted!r}; {hint}"

@@ -36,6 +36,9 @@ class BaseSection(Section):
     device: str = Field(
         "auto", description="Compute device for one block at a time: auto (cuda if present), cpu, cuda, cuda:N."
     )
+    act_cache: Literal["auto", "device", "cpu"] = Field(
+        "auto", description="Where calibration activations live: auto (the memory planner decides), device, cpu."
+    )
 
 
 class ModelSection(Section):

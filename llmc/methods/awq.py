@@ -23,7 +23,8 @@ Per block, for each group of linears that share one input (the adapter's `Linear
    skipping of q/k by name: a linear's clip is kept only if it lowers the error of the
    group's inspect module output with the group quantized, the same criterion as step 1.
    So a clip whose error the attention softmax amplifies (the reason for that skip) is
-   dropped on the data.
+   dropped on the data. Clipping runs after all scales are folded, on re-recorded inputs;
+   per_tensor weights are not clipped.
 3. If this is the last method of the composition, every target linear is wrapped.
 
 Config keys: `quant.weight.*` (the quantizer Q), `quant.special.{trans (true), trans_version
@@ -87,7 +88,9 @@ class AWQ(QuantMethod):
 
     # ---- scale search ------------------------------------------------------------------
 
-    def _producer(self, ctx: BlockContext, group: LinearGroup, mods: dict[str, nn.Module]) -> nn.Module | None:
+    def _producer(
+        self, ctx: BlockContext, group: LinearGroup, mods: dict[str, nn.Module]
+    ) -> nn.Module | None:
         """The op the group's scale folds into, or None when the group is left unscaled."""
         if group.prev_op is None or len(mods) != len(group.linears):
             return None
@@ -106,7 +109,9 @@ class AWQ(QuantMethod):
             return prev
         return None
 
-    def _scale_group(self, ctx: BlockContext, inspect: str, mods: dict[str, nn.Module], prev: nn.Module) -> None:
+    def _scale_group(
+        self, ctx: BlockContext, inspect: str, mods: dict[str, nn.Module], prev: nn.Module
+    ) -> None:
         calls, xs, masks = _record(ctx, inspect, mods)
         module = ctx.block.get_submodule(inspect)
         x_mean = _channel_mean_abs(xs, masks, ctx.device)
@@ -197,7 +202,9 @@ class AWQ(QuantMethod):
                 ratio = 1 - i / self.clip_grid
                 lo, hi = lo0 * ratio, hi0 * ratio
                 qw = q.fake_quant(torch.clamp(wc, lo, hi).reshape(-1, size)).view_as(wc)
-                err = (torch.bmm(x, qw.permute(1, 2, 0)) - ref).pow(2).mean(dim=1).T.unsqueeze(-1)  # [o, g, 1]
+                err = (
+                    (torch.bmm(x, qw.permute(1, 2, 0)) - ref).pow(2).mean(dim=1).T.unsqueeze(-1)
+                )  # [o, g, 1]
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
                 best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
@@ -226,11 +233,13 @@ def _record(ctx: BlockContext, inspect: str, mods: dict[str, nn.Module]) -> Reco
     return calls, xs, masks
 
 
+def _has_mask(t: Tensor, mask: Tensor | None) -> bool:
+    return mask is not None and t.dim() == 3 and t.shape[:2] == mask.shape
+
+
 def _real_tokens(t: Tensor, mask: Tensor | None) -> Tensor:
-    """Rows of `t` [..., features] for the real (non-padding) tokens."""
-    if mask is not None and t.dim() == 3 and t.shape[:2] == mask.shape:
-        return t[mask.to(t.device)]
-    return t.reshape(-1, t.shape[-1])
+    """Rows of `t` [batch, seq, features] for the real (non-padding) tokens."""
+    return t[mask.to(t.device)] if _has_mask(t, mask) else t.reshape(-1, t.shape[-1])
 
 
 def _channel_mean_abs(xs: list[Tensor], masks: list[Tensor | None], device: torch.device) -> Tensor:
@@ -245,7 +254,7 @@ def _channel_mean_abs(xs: list[Tensor], masks: list[Tensor | None], device: torc
 
 def _token_sample(xs: list[Tensor], masks: list[Tensor | None], n: int, device: torch.device) -> Tensor:
     """About `n` evenly spaced real tokens of the group's input, float32, batch by batch."""
-    total = sum(_real_tokens(x, mask).shape[0] for x, mask in zip(xs, masks))
+    total = sum(int(m.sum()) if _has_mask(x, m) else x[..., 0].numel() for x, m in zip(xs, masks))
     step, seen, parts = max(1, total // n), 0, []
     for x, mask in zip(xs, masks):
         rows = _real_tokens(x, mask)

@@ -11,10 +11,12 @@ import difflib
 from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
 
 from llmc.config.loader import explain_validation_error
 from llmc.config.schema import QuantSection
 from llmc.errors import ConfigError
+from llmc.models.adapter import ModelAdapter
 from llmc.pipeline.blockwise import BlockContext
 from llmc.quant.fake_linear import FakeQuantLinear
 from llmc.quant.quantizer import IntQuantizer
@@ -39,7 +41,9 @@ class QuantMethod:
         try:
             self.special = self.Special.model_validate(quant.special if special is None else special)
         except ValidationError as exc:
-            raise ConfigError(f"{self.name}: quant.special.{explain_validation_error(exc)}") from None
+            raise ConfigError(
+                f"{self.name}: {explain_validation_error(exc, root=self.Special, prefix='quant.special.')}"
+            ) from None
         w = quant.weight
         self.weight_quantizer = IntQuantizer(
             bit=w.bit, symmetric=w.symmetric, granularity=w.granularity, group_size=w.group_size,
@@ -58,6 +62,10 @@ class QuantMethod:
 
     def process_block(self, ctx: BlockContext) -> None:
         raise NotImplementedError
+
+    def extra_device_bytes(self, model: nn.Module, adapter: ModelAdapter, calib_tokens: int) -> int:
+        """Device memory this method keeps beyond the block and its activations (for the planner)."""
+        return 0
 
     def wrap_linear(self, ctx: BlockContext, name: str) -> FakeQuantLinear | None:
         """Replace block linear `name` by a fake-quant linear with this config's quantizers.

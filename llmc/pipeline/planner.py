@@ -1,0 +1,95 @@
+"""Memory planner: estimate peak device and host memory before a run, place the activation
+cache, and refuse a run that cannot fit with a message that says what to change.
+
+The estimate follows the schedule: one block's weights on the device, the calibration
+hidden states (a block's inputs and its outputs coexist), one batch's transient activations
+inside the block, and what the methods keep (Hessians, recorded module calls).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llmc.errors import LlmcError
+
+GIB = 1024**3
+
+
+@dataclass
+class MemoryPlan:
+    block_bytes: int
+    cache_bytes: int
+    transient_bytes: int
+    method_bytes: int
+    cache_on_device: bool
+    device_total: int | None
+    host_model_bytes: int
+
+    @property
+    def peak_device(self) -> int:
+        cache = self.cache_bytes if self.cache_on_device else 2 * self.cache_bytes // max(1, self.batches)
+        return self.block_bytes + cache + self.transient_bytes + self.method_bytes
+
+    @property
+    def peak_host(self) -> int:
+        return self.host_model_bytes + (0 if self.cache_on_device else self.cache_bytes)
+
+    batches: int = 1
+
+    def describe(self) -> str:
+        where = "device" if self.cache_on_device else "pinned host memory"
+        return (
+            f"memory plan: peak device {self.peak_device / GIB:.2f} GiB (block {self.block_bytes / GIB:.2f}, "
+            f"activation cache {self.cache_bytes / GIB:.2f} on {where}, transient {self.transient_bytes / GIB:.2f}, "
+            f"method {self.method_bytes / GIB:.2f}); peak host {self.peak_host / GIB:.2f} GiB"
+        )
+
+
+def _bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def block_transient_bytes(block: nn.Module, tokens_per_batch: int, elem: int) -> int:
+    """Activations alive inside one block for one batch: the widest linear outputs at once."""
+    outs = sorted((m.out_features for m in block.modules() if isinstance(m, nn.Linear)), reverse=True)
+    widest = sum(outs[:3]) if outs else 0
+    return tokens_per_batch * widest * elem * 2
+
+
+def plan_memory(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    n_samples: int,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+    method_bytes: int = 0,
+    cache_policy: str = "auto",
+) -> MemoryPlan:
+    param = next(model.parameters())
+    elem = param.element_size()
+    hidden = getattr(model.config, "hidden_size", None) or blocks[0].self_attn.q_proj.in_features
+    cache = 2 * n_samples * seq_len * hidden * elem
+    block = max(_bytes(b) for b in blocks)
+    transient = block_transient_bytes(blocks[0], batch_size * seq_len, elem)
+    total = None
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        total = free + torch.cuda.memory_allocated(device)
+    batches = max(1, -(-n_samples // max(1, batch_size)))
+    on_device = cache_policy == "device" or (
+        cache_policy == "auto" and (total is None or block + cache + transient + method_bytes < 0.85 * total)
+    )
+    return MemoryPlan(block, cache, transient, method_bytes, on_device, total, _bytes(model), batches)
+
+
+def check_fits(plan: MemoryPlan, device: torch.device) -> None:
+    if plan.device_total is None or plan.peak_device <= 0.95 * plan.device_total:
+        return
+    raise LlmcError(
+        f"estimated peak memory {plan.peak_device / GIB:.1f} GiB does not fit the {plan.device_total / GIB:.1f} GiB of "
+        f"{device}; lower calib.n_samples or calib.bs, or set base.act_cache: cpu (activations in host memory)"
+    )
