@@ -468,7 +468,7 @@ trees = st.recursive(
 
 
 VALID: dict[str, list] = {
-    "seed": [0, 1, 42, None], "device": ["cpu", "auto", "cuda:1"],
+    "seed": [0, 1, 42, None], "device": ["cpu", "auto", "cuda:1"], "act_cache": ["auto", "device", "cpu"],
     "type": ["auto", "Llama", "OPT", "Foo"], "path": ["m", "/x/y"],
     "tokenizer_path": [None, "tok"], "tokenizer_mode": ["fast", "slow"], "gguf_file": [None, "m.gguf"],
     "torch_dtype": ["auto", "float32", "bfloat16"], "trust_remote_code": [True, False],

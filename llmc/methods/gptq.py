@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from llmc.errors import NumericsError
 from llmc.methods.base import QuantMethod, register_method
+from llmc.models.adapter import ModelAdapter
 from llmc.pipeline.blockwise import BlockContext
 from llmc.quant.fake_linear import FakeQuantLinear
 from llmc.quant.quantizer import IntQuantizer
@@ -73,13 +74,18 @@ def natural_g_idx(columns: int, quantizer: IntQuantizer, device: torch.device | 
 
 
 def inverse_hessian_cholesky(hessian: Tensor, percdamp: float) -> Tensor:
-    """Upper Cholesky factor of (H + damp*I)^-1; damping grows 10x per retry when H is not positive definite."""
-    damp = percdamp * torch.diag(hessian).mean().item()
-    eye = torch.eye(hessian.shape[0], device=hessian.device, dtype=hessian.dtype)
+    """Upper Cholesky factor of (H + damp*I)^-1, damping `hessian` in place; the damping grows
+    10x per retry while H + damp*I is not positive definite."""
+    diag = hessian.diagonal()
+    damp = percdamp * diag.mean().item()
+    added = 0.0
     for _ in range(DAMP_RETRIES):
-        chol, info = torch.linalg.cholesky_ex(hessian + damp * eye)
+        diag.add_(damp - added)
+        added = damp
+        chol, info = torch.linalg.cholesky_ex(hessian)
         if info.item() == 0 and torch.isfinite(chol).all():
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            chol = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(chol, upper=True)
             if info.item() == 0 and torch.isfinite(upper).all():
                 return upper
         damp *= 10
@@ -124,7 +130,8 @@ def gptq_quantize(
             params[g] = (scale.view(-1), zero.view(-1))
 
     perm = torch.argsort(torch.diag(H), descending=True) if actorder else torch.arange(cols, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
+    if actorder:
+        W, H = W[:, perm], H[perm][:, perm]
     # Group of each column in processing order; only dynamic groups under actorder follow that order.
     if grouped and not static_groups:
         col_group = torch.arange(cols, device=W.device) // gs
@@ -135,6 +142,7 @@ def gptq_quantize(
     groups_in_order = col_group.tolist()
 
     Hinv = inverse_hessian_cholesky(H, percdamp)
+    del H
     Q = torch.zeros_like(W)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -156,9 +164,11 @@ def gptq_quantize(
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
 
     inv = torch.argsort(perm)
+    if actorder:
+        Q, col_group = Q[:, inv], col_group[inv]
     scale = torch.stack([p[0] for p in params], dim=1)
     zero = torch.stack([p[1] for p in params], dim=1)
-    return GptqResult(Q[:, inv], scale.reshape(-1, 1), zero.reshape(-1, 1), col_group[inv].long())
+    return GptqResult(Q, scale.reshape(-1, 1), zero.reshape(-1, 1), col_group.long())
 
 
 class GroupIndexFakeQuantLinear(FakeQuantLinear):
@@ -178,6 +188,20 @@ class GroupIndexFakeQuantLinear(FakeQuantLinear):
 class GPTQ(QuantMethod):
     name = "GPTQ"
     Special = GptqSpecial
+
+    def extra_device_bytes(self, model: nn.Module, adapter: ModelAdapter, calib_tokens: int) -> int:
+        """float32 Hessians held at once, plus GPTQ's working set for the largest group."""
+        held = work = 0
+        for block in adapter.get_blocks(model):
+            sizes = []
+            for group in adapter.groups:
+                linears = [block.get_submodule(n) for n in group.linears]
+                sizes.append((linears[0].in_features, sum(m.out_features for m in linears)))
+            hessians = [4 * i * i for i, _ in sizes]
+            held = max(held, max(hessians) if self.special.true_sequential else sum(hessians))
+            # Three [in, in] (H, its Cholesky factor, the inverse) and four [rows, in] (W, Q, permuted copies).
+            work = max(work, max(4 * (3 * i * i + 4 * i * r) for i, r in sizes))
+        return held + work
 
     def process_block(self, ctx: BlockContext) -> None:
         groups = [list(mods.items()) for _, mods in ctx.groups()]
@@ -222,7 +246,7 @@ class GPTQ(QuantMethod):
     def quantize_group(
         self, ctx: BlockContext, group: list[tuple[str, nn.Module]], hessian: Tensor
     ) -> list[tuple[str, GptqResult]]:
-        """GPTQ the group's linears and write Q into their float weights."""
+        """GPTQ the group's linears and write Q into their float weights (which the results then hold)."""
         sp, wq = self.special, self.weight_quantizer
         # Rows are independent given H, so linears sharing it run as one stacked weight,
         # except per_tensor where each linear needs its own single range.
@@ -242,7 +266,7 @@ class GPTQ(QuantMethod):
                 with torch.no_grad():
                     module.weight.copy_(res.weight[start:stop].to(module.weight.dtype))
                 span = slice(start * per_row, stop * per_row)
-                out.append((name, GptqResult(res.weight[start:stop], res.scale[span], res.zero[span], res.g_idx)))
+                out.append((name, GptqResult(module.weight, res.scale[span], res.zero[span], res.g_idx)))
                 start = stop
         return out
 
