@@ -222,7 +222,7 @@ class GPTQ(QuantMethod):
     def hessians(self, ctx: BlockContext, groups: list[list[tuple[str, nn.Module]]]) -> list[Tensor]:
         """One forward over the calibration set; H = 2/n X^T X of each group's input (real tokens only)."""
         first = [group[0][0] for group in groups]
-        sums = {n: None for n in first}
+        sums: dict[str, Tensor | None] = dict.fromkeys(first)
         calls = dict.fromkeys(first, 0)
         tokens = dict.fromkeys(first, 0)
         masks = ctx.inputs.token_masks if ctx.inputs is not None else []
