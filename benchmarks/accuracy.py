@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -87,8 +88,14 @@ def peer_run(model_dir: Path, args: argparse.Namespace, files: dict, setting: st
         cmd += ["--act-bits", str(act["bit"])]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+        return {"error": peer_error(proc.stderr)}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def peer_error(stderr: str) -> str:
+    """The peer's exception line (its message, e.g. why a setting is refused), not the traceback."""
+    lines = [ln for ln in stderr.splitlines() if re.match(r"^[\w.]+(Error|Exception): ", ln)]
+    return (lines[-1] if lines else (stderr.strip().splitlines() or ["failed"])[-1])[:300]
 
 
 def prepare_files(model_dir: Path, args: argparse.Namespace, work: Path) -> dict:
