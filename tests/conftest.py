@@ -117,3 +117,15 @@ def real_model_path() -> Path:
             pytest.fail("the quickstart model is missing; run `make setup` (llmc fetch) first")
         pytest.skip("real SmolLM2-135M not fetched (run `make setup`)")
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _threads_for_size(request):
+    """Tiny models run fastest on one thread (several crawl on a busy machine); the real model uses all."""
+    if request.node.get_closest_marker("real_model"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
