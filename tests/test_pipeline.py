@@ -114,3 +114,25 @@ def test_rtn_pipeline_wraps_targets_and_respects_ignored(tiny_llama_dir):
     with torch.no_grad():
         torch.testing.assert_close(restored, reference(ids).logits, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(quantized, restored)
+
+
+@torch.no_grad()
+def test_forward_until_sees_the_same_inputs(tiny_model_dir):
+    """Stopping each batch after a submodule observes exactly what a full block forward observes there."""
+    from llmc.pipeline import BlockContext
+
+    model, adapter = _model(tiny_model_dir)
+    ids = torch.randint(3, model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(5))
+    batches = [{"input_ids": ids[:2], "attention_mask": None}, {"input_ids": ids[2:], "attention_mask": None}]
+    inputs = capture_block_inputs(model, adapter, batches, CPU)
+    block = adapter.get_blocks(model)[0]
+    ctx = BlockContext(0, block, adapter, inputs, CPU, adapter.linear_names())
+    name = adapter.groups[2].linears[0]  # first linear of the MLP: after attention
+    seen: dict[str, list] = {"full": [], "until": []}
+    with ctx.hook_inputs([name], lambda _n, x: seen["full"].append(x.clone())):
+        ctx.forward()
+    with ctx.hook_inputs([name], lambda _n, x: seen["until"].append(x.clone())):
+        ctx.forward_until(name)
+    assert len(seen["full"]) == len(seen["until"]) == 2
+    for a, b in zip(seen["full"], seen["until"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -240,7 +240,7 @@ class GPTQ(QuantMethod):
             tokens[name] += x.shape[0]
 
         with ctx.hook_inputs(first, add):
-            ctx.forward()
+            ctx.forward_until(first[-1])  # groups are in execution order; later layers are not needed
         return [sums[n] * (2 / max(tokens[n], 1)) for n in first]
 
     def quantize_group(

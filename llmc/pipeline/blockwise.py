@@ -23,6 +23,10 @@ from llmc.pipeline.capture import BlockInputs, tree_to
 from llmc.quant.fake_linear import FakeQuantLinear
 
 
+class _StopBlock(Exception):
+    pass
+
+
 @dataclass
 class ModuleCall:
     """One recorded call of a submodule: its arguments and its (first) output."""
@@ -63,6 +67,28 @@ class BlockContext:
         if self.inputs is None:
             raise RuntimeError("this block has no calibration inputs (no method asked for calibration)")
         return run_block(self.block, self.inputs, self.device)
+
+    @torch.no_grad()
+    def forward_until(self, name: str) -> None:
+        """Run each calibration batch only until submodule `name` has run (its hooks fire), skipping
+        the rest of the block: enough to observe the inputs of the linears up to there."""
+        if self.inputs is None:
+            raise RuntimeError("this block has no calibration inputs (no method asked for calibration)")
+
+        def stop(*_: object) -> None:
+            raise _StopBlock
+
+        handle = self.block.get_submodule(name).register_forward_hook(stop)
+        try:
+            for i in range(len(self.inputs)):
+                one = BlockInputs(self.inputs.hidden[i : i + 1], self.inputs.args[i : i + 1],
+                                  self.inputs.kwargs[i : i + 1])
+                try:
+                    run_block(self.block, one, self.device)
+                except _StopBlock:
+                    pass
+        finally:
+            handle.remove()
 
     @torch.no_grad()
     def capture_calls(self, name: str) -> list[ModuleCall]:
