@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from llmc.methods.base import QuantMethod, register_method
 from llmc.methods.transforms import fold_scales, producer_channels, tie_gqa_scales
 from llmc.models.adapter import LinearGroup
-from llmc.pipeline.blockwise import BlockContext, ModuleCall
+from llmc.pipeline.blockwise import BlockContext, ModuleCall, real_tokens
 
 
 class AWQSpecial(BaseModel):
@@ -227,25 +227,14 @@ def _record(ctx: BlockContext, inspect: str, mods: dict[str, nn.Module]) -> Reco
     xs: list[Tensor] = []
     with ctx.hook_inputs([next(iter(mods))], lambda _n, x: xs.append(x)):
         calls = ctx.capture_calls(inspect)
-    masks = list(ctx.inputs.token_masks) if ctx.inputs is not None else []
-    if len(masks) != len(calls) or len(xs) != len(calls):
-        masks = [None] * len(calls)
+    masks = [ctx.token_mask(i) for i in range(len(calls))] if len(xs) == len(calls) else [None] * len(calls)
     return calls, xs, masks
-
-
-def _has_mask(t: Tensor, mask: Tensor | None) -> bool:
-    return mask is not None and t.dim() == 3 and t.shape[:2] == mask.shape
-
-
-def _real_tokens(t: Tensor, mask: Tensor | None) -> Tensor:
-    """Rows of `t` [batch, seq, features] for the real (non-padding) tokens."""
-    return t[mask.to(t.device)] if _has_mask(t, mask) else t.reshape(-1, t.shape[-1])
 
 
 def _channel_mean_abs(xs: list[Tensor], masks: list[Tensor | None], device: torch.device) -> Tensor:
     total, count = None, 0
     for x, mask in zip(xs, masks):
-        rows = _real_tokens(x, mask).to(device, torch.float32)
+        rows = real_tokens(x, mask).to(device, torch.float32)
         part = rows.abs().sum(dim=0)
         total = part if total is None else total + part
         count += rows.shape[0]
@@ -254,10 +243,10 @@ def _channel_mean_abs(xs: list[Tensor], masks: list[Tensor | None], device: torc
 
 def _token_sample(xs: list[Tensor], masks: list[Tensor | None], n: int, device: torch.device) -> Tensor:
     """About `n` evenly spaced real tokens of the group's input, float32, batch by batch."""
-    total = sum(int(m.sum()) if _has_mask(x, m) else x[..., 0].numel() for x, m in zip(xs, masks))
+    total = sum(real_tokens(x[..., :1], m).shape[0] for x, m in zip(xs, masks))
     step, seen, parts = max(1, total // n), 0, []
     for x, mask in zip(xs, masks):
-        rows = _real_tokens(x, mask)
+        rows = real_tokens(x, mask)
         parts.append(rows[(-seen) % step :: step].to(device, torch.float32))
         seen += rows.shape[0]
     return torch.cat(parts)[:n]
@@ -267,7 +256,7 @@ def _output_error(module: nn.Module, calls: list[ModuleCall], masks: list[Tensor
     """Summed squared error (float32) of re-running `module` against its recorded outputs."""
     total = None
     for call, mask in zip(calls, masks):
-        diff = _real_tokens(call.rerun(module).float() - call.output.float(), mask)
+        diff = real_tokens(call.rerun(module).float() - call.output.float(), mask)
         err = diff.pow(2).sum()
         total = err if total is None else total + err
     return float(total) if total is not None else 0.0

@@ -223,23 +223,16 @@ class GPTQ(QuantMethod):
         """One forward over the calibration set; H = 2/n X^T X of each group's input (real tokens only)."""
         first = [group[0][0] for group in groups]
         sums: dict[str, Tensor | None] = dict.fromkeys(first)
-        calls = dict.fromkeys(first, 0)
         tokens = dict.fromkeys(first, 0)
-        masks = ctx.inputs.token_masks if ctx.inputs is not None else []
 
-        def add(name: str, x: Tensor) -> None:
-            batch = calls[name]  # hooks fire once per batch, in batch order
-            calls[name] += 1
-            mask = masks[batch] if batch < len(masks) else None
-            if mask is not None:
-                x = x[mask.to(x.device)]
-            x = x.reshape(-1, x.shape[-1]).to(ctx.device, torch.float32)
+        def add(name: str, rows: Tensor) -> None:
+            x = rows.to(ctx.device, torch.float32)
             if sums[name] is None:
                 sums[name] = torch.zeros(x.shape[1], x.shape[1], device=ctx.device)
             sums[name].addmm_(x.T, x)
             tokens[name] += x.shape[0]
 
-        with ctx.hook_inputs(first, add):
+        with ctx.hook_inputs(first, add, only_real_tokens=True):
             ctx.forward_until(first[-1])  # groups are in execution order; later layers are not needed
         return [sums[n] * (2 / max(tokens[n], 1)) for n in first]
 

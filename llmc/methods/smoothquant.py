@@ -84,32 +84,18 @@ class SmoothQuant(QuantMethod):
     @torch.no_grad()
     def input_absmax(self, ctx: BlockContext, names: list[str]) -> dict[str, Tensor]:
         """Per input channel max |X| of each named linear over the calibration set (real tokens only)."""
-        inputs = ctx.inputs
-        if inputs is None:
+        if ctx.inputs is None:
             raise RuntimeError("SmoothQuant needs calibration inputs")
         stats: dict[str, Tensor] = {}
-        batch = [-1]
 
-        def count_batch(_module: nn.Module, _args: tuple) -> None:
-            batch[0] += 1
-
-        def observe(name: str, x: Tensor) -> None:
-            masks = inputs.token_masks
-            mask = masks[batch[0]] if 0 <= batch[0] < len(masks) else None
-            x = x.detach()
-            if mask is not None and mask.shape == x.shape[:-1]:
-                x = x[mask.to(x.device)]
-            if x.numel() == 0:
+        def observe(name: str, rows: Tensor) -> None:
+            if rows.numel() == 0:
                 return
-            cur = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).to(ctx.device, torch.float32)
+            cur = rows.detach().abs().amax(dim=0).to(ctx.device, torch.float32)
             stats[name] = cur if name not in stats else torch.maximum(stats[name], cur)
 
-        handle = ctx.block.register_forward_pre_hook(count_batch)
-        try:
-            with ctx.hook_inputs(names, observe):
-                ctx.forward()
-        finally:
-            handle.remove()
+        with ctx.hook_inputs(names, observe, only_real_tokens=True):
+            ctx.forward()
         return stats
 
     @torch.no_grad()

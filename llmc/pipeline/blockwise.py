@@ -51,6 +51,13 @@ class BlockContext:
     device: torch.device
     targets: list[str]
     """Names (relative to the block) of the linears to quantize; ignored layers removed."""
+    batch: int = 0
+    """Index of the calibration batch being run (set by `forward` / `forward_until`)."""
+
+    def token_mask(self, batch: int) -> Tensor | None:
+        """`[b, seq]` bool of the real tokens of calibration batch `batch` (None: all are real)."""
+        masks = self.inputs.token_masks if self.inputs is not None else []
+        return masks[batch] if batch < len(masks) else None
 
     def groups(self) -> list[tuple[LinearGroup, dict[str, nn.Module]]]:
         """The adapter's linear groups with their modules, limited to quantization targets."""
@@ -66,7 +73,10 @@ class BlockContext:
         """Run the block over all calibration batches; returns the output hidden states."""
         if self.inputs is None:
             raise RuntimeError("this block has no calibration inputs (no method asked for calibration)")
-        return run_block(self.block, self.inputs, self.device)
+        return run_block(self.block, self.inputs, self.device, self._set_batch)
+
+    def _set_batch(self, index: int) -> None:
+        self.batch = index
 
     @torch.no_grad()
     def forward_until(self, name: str) -> None:
@@ -81,6 +91,7 @@ class BlockContext:
         handle = self.block.get_submodule(name).register_forward_hook(stop)
         try:
             for i in range(len(self.inputs)):
+                self.batch = i
                 one = BlockInputs(self.inputs.hidden[i : i + 1], self.inputs.args[i : i + 1],
                                   self.inputs.kwargs[i : i + 1])
                 try:
@@ -108,10 +119,20 @@ class BlockContext:
         return calls
 
     @contextlib.contextmanager
-    def hook_inputs(self, names: Sequence[str], fn: Callable[[str, Tensor], None]) -> Iterator[None]:
-        """Call `fn(name, input)` for each named submodule's input during forwards in this context."""
+    def hook_inputs(
+        self, names: Sequence[str], fn: Callable[[str, Tensor], None], only_real_tokens: bool = False
+    ) -> Iterator[None]:
+        """Call `fn(name, input)` for each named submodule's input during forwards in this context.
+
+        With `only_real_tokens`, `fn` gets the input as `[tokens, features]` rows of the real
+        (non-padding) tokens of the batch being run.
+        """
+
+        def hook(name: str, x: Tensor) -> None:
+            fn(name, real_tokens(x, self.token_mask(self.batch)) if only_real_tokens else x)
+
         handles = [
-            self.block.get_submodule(n).register_forward_pre_hook(lambda _m, args, n=n: fn(n, args[0]))
+            self.block.get_submodule(n).register_forward_pre_hook(lambda _m, args, n=n: hook(n, args[0]))
             for n in names
         ]
         try:
@@ -121,9 +142,13 @@ class BlockContext:
                 h.remove()
 
 
-def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device) -> list[Tensor]:
+def run_block(
+    block: nn.Module, inputs: BlockInputs, device: torch.device, on_batch: Callable[[int], None] | None = None
+) -> list[Tensor]:
     outs = []
-    for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
+    for index, (hidden, args, kwargs) in enumerate(zip(inputs.hidden, inputs.args, inputs.kwargs)):
+        if on_batch is not None:
+            on_batch(index)
         store = hidden.device
         if store != device:
             hidden, args, kwargs = hidden.to(device), tree_to(args, device), tree_to(kwargs, device)
@@ -131,6 +156,13 @@ def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device) -> li
         out = out[0] if isinstance(out, tuple) else out
         outs.append(out.to(store))
     return outs
+
+
+def real_tokens(t: Tensor, mask: Tensor | None) -> Tensor:
+    """Rows `[tokens, features]` of `t` (`[batch, seq, features]`) for the real (non-padding) tokens."""
+    if mask is not None and t.dim() == 3 and t.shape[:2] == mask.shape:
+        return t[mask.to(t.device)]
+    return t.reshape(-1, t.shape[-1])
 
 
 def check_finite(tensors: list[Tensor], where: str) -> None:

@@ -27,6 +27,7 @@ class MemoryPlan:
     cache_on_device: bool
     device_total: int | None
     host_model_bytes: int
+    batches: int = 1
 
     @property
     def peak_device(self) -> int:
@@ -36,8 +37,6 @@ class MemoryPlan:
     @property
     def peak_host(self) -> int:
         return self.host_model_bytes + (0 if self.cache_on_device else self.cache_bytes)
-
-    batches: int = 1
 
     def describe(self) -> str:
         where = "device" if self.cache_on_device else "pinned host memory"
