@@ -70,7 +70,7 @@ def plan_memory(
 ) -> MemoryPlan:
     param = next(model.parameters())
     elem = param.element_size()
-    hidden = getattr(model.config, "hidden_size", None) or blocks[0].self_attn.q_proj.in_features
+    hidden = getattr(model.config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
     cache = 2 * n_samples * seq_len * hidden * elem
     block = max(_bytes(b) for b in blocks)
     transient = block_transient_bytes(blocks[0], batch_size * seq_len, elem)
