@@ -22,6 +22,7 @@ from llmc.config.schema import LlmcConfig
 from llmc.data import build_calibration, load_eval_text, load_named_documents, tokenize_windows
 from llmc.errors import ConfigError, ModelError
 from llmc.eval.perplexity import PROTOCOL, PplResult, evaluate_perplexity
+from llmc.export import requested_exporters
 from llmc.methods import QuantMethod, get_methods
 from llmc.models import LoadedModel, ModelAdapter, load_model
 from llmc.models.loader import check_model_paths
@@ -76,6 +77,9 @@ def compress(
     device = resolve_device(cfg.base.device)
     methods = get_methods(cfg.quant) if cfg.quant is not None else []
     out_path = check_output_path(cfg.save.save_path, cfg.save.overwrite)
+    exporters = requested_exporters(cfg)
+    for exporter in exporters:
+        exporter.check(cfg)
     check_model_paths(cfg.model)
     timings: dict[str, float] = {}
 
@@ -251,4 +255,9 @@ def write_outputs(result: RunResult, out_path: Path, device: torch.device) -> No
             save_hf_model(result.model, result.tokenizer, tmp / TRANS_DIR, fake=False)
         if save.save_fake:
             save_hf_model(result.model, result.tokenizer, tmp / FAKE_DIR, fake=True)
+        for exporter in requested_exporters(result.config):
+            folder = tmp / exporter.folder
+            folder.mkdir()
+            exporter.write(result.model, result.tokenizer, folder, result.config)
+            log.info("wrote %s checkpoint to %s", exporter.key, out_path / exporter.folder)
     log.info("results written to %s", out_path / "results.json")

@@ -49,5 +49,20 @@ def readme_block() -> str:
     return f"{BEGIN}\n{reference_markdown()}\n{END}"
 
 
+def update_readme(path: str = "README.md") -> None:
+    """Replace the README's reference block with the current one (`python -m llmc.config.reference --write`)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(head + readme_block() + tail)
+
+
 if __name__ == "__main__":
-    print(readme_block())
+    import sys
+
+    if "--write" in sys.argv:
+        update_readme()
+    else:
+        print(readme_block())

@@ -177,11 +177,19 @@ class QuantSection(Section):
         return self
 
 
+SAVE_FLAGS = ("save_trans", "save_fake", "save_vllm", "save_sgl", "save_autoawq", "save_mlcllm", "save_gptq")
+
+
 class SaveSection(Section):
     """Outputs; everything lands in save_path (results.json always, models on request)."""
 
     save_trans: bool = Field(False, description="Write the transformed float model.")
     save_fake: bool = Field(False, description="Write the model with fake-quantized weights.")
+    save_vllm: bool = Field(False, description="Write a compressed-tensors checkpoint (vLLM).")
+    save_sgl: bool = Field(False, description="Write a compressed-tensors checkpoint (SGLang).")
+    save_autoawq: bool = Field(False, description="Write AutoAWQ's GEMM layout (4-bit asymmetric).")
+    save_mlcllm: bool = Field(False, description="Write the AutoAWQ layout for MLC-LLM's converter.")
+    save_gptq: bool = Field(False, description="Write the GPTQ layout (qweight, qzeros, scales, g_idx).")
     save_path: str | None = Field(None, description="Output folder; created atomically at the end.")
     overwrite: bool = Field(False, description="Replace an existing save_path.")
 
@@ -198,8 +206,9 @@ class LlmcConfig(Section):
 
     @model_validator(mode="after")
     def _consistency(self) -> LlmcConfig:
-        if (self.save.save_trans or self.save.save_fake) and not self.save.save_path:
-            raise ValueError("save_trans/save_fake need save.save_path; set save.save_path: ./outputs/run1")
+        wanted = [k for k in SAVE_FLAGS if getattr(self.save, k)]
+        if wanted and not self.save.save_path:
+            raise ValueError(f"{wanted[0]} needs save.save_path; set save.save_path: ./outputs/run1")
         if self.quant is not None and self.quant.act is not None and self.quant.act.static and self.calib is None:
             raise ValueError("static activation quantization needs a calib section to calibrate ranges")
         return self
