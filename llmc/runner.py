@@ -150,20 +150,23 @@ def quantize_batches(
 ) -> BlockwisePipeline:
     """Plan memory, capture the first block's inputs for `batches` (token ids), then run the block loop."""
     inputs = None
+    n_samples = sum(b["input_ids"].shape[0] for b in batches) if batches is not None else 0
+    seq_len = batches[0]["input_ids"].shape[1] if batches is not None else 0
+    batch_size = batches[0]["input_ids"].shape[0] if batches is not None else 0
+    plan = plan_memory(
+        model, adapter.get_blocks(model), n_samples, seq_len, batch_size, device,
+        method_bytes=max(m.extra_device_bytes(model, adapter, n_samples * seq_len) for m in methods),
+        cache_policy=cfg.base.act_cache,
+    )
+    log.info(plan.describe())
+    check_fits(plan, device)
     if batches is not None:
-        n_samples = sum(b["input_ids"].shape[0] for b in batches)
-        seq_len = batches[0]["input_ids"].shape[1]
-        plan = plan_memory(model, adapter.get_blocks(model), n_samples, seq_len, batches[0]["input_ids"].shape[0],
-                           device, method_bytes=max(m.extra_device_bytes(model, adapter, n_samples * seq_len)
-                                                    for m in methods),
-                           cache_policy=cfg.base.act_cache)
-        log.info(plan.describe())
-        check_fits(plan, device)
         store = device if plan.cache_on_device else torch.device("cpu")
         inputs = capture_block_inputs(model, adapter, batches, device, store_device=store)
         log.info("captured block inputs: %d batches, %d tokens", len(inputs), inputs.num_tokens())
     pipeline = BlockwisePipeline(model, adapter, device, quant_out=cfg.quant.quant_out, progress=progress,
                                  desc="+".join(m.name for m in methods))
+    pipeline.plan = plan
 
     def process(ctx: BlockContext) -> None:
         for method in methods:

@@ -202,3 +202,15 @@ def test_bad_special_is_config_error(special, key):
         method_class("AWQ")(_config(special).quant)
     with pytest.raises(ConfigError, match=key):
         get_methods(_config({"Awq": special}, method=["AWQ", "RTN"]).quant)
+
+
+def test_search_tokens_limits_the_scored_batches(tiny_llama_dir):
+    from llmc.methods.awq import _first_batches
+
+    calls = [type("C", (), {"output": torch.zeros(2, 8, 4)})() for _ in range(5)]
+    assert len(_first_batches(calls, [None] * 5, None)[0]) == 5
+    assert len(_first_batches(calls, [None] * 5, 40)[0]) == 2
+    assert len(_first_batches(calls, [None] * 5, 3)[0]) == 1
+    masks = [torch.ones(2, 8, dtype=torch.bool)] * 4 + [None]
+    masks[0] = torch.zeros(2, 8, dtype=torch.bool)
+    assert len(_first_batches(calls, masks, 16)[0]) == 2

@@ -28,7 +28,8 @@ Per block, for each group of linears that share one input (the adapter's `Linear
 3. If this is the last method of the composition, every target linear is wrapped.
 
 Config keys: `quant.weight.*` (the quantizer Q), `quant.special.{trans (true), trans_version
-(v2), n_grid (20), weight_clip (true), clip_version (v1), clip_sym (quant.weight.symmetric)}`.
+(v2), n_grid (20), weight_clip (true), clip_version (v1), clip_sym (quant.weight.symmetric),
+search_tokens (all: the searches' error is measured on the leading batches up to this many tokens)}`.
 The search is weight-only: activation quantization is not simulated in the objective.
 """
 
@@ -44,7 +45,7 @@ from torch import Tensor, nn
 
 from llmc.methods.base import QuantMethod, register_method
 from llmc.methods.transforms import fold_scales, producer_channels, tie_gqa_scales
-from llmc.models.adapter import LinearGroup
+from llmc.models.adapter import LinearGroup, ModelAdapter
 from llmc.pipeline.blockwise import BlockContext, ModuleCall, real_tokens
 
 
@@ -59,6 +60,10 @@ class AWQSpecial(BaseModel):
     weight_clip: bool = Field(True, description="Search per-group weight clipping ranges.")
     clip_version: Literal["v1"] = Field("v1", description="v1: clamp the float weight to the found range.")
     clip_sym: bool | None = Field(None, description="Symmetric clip range; default quant.weight.symmetric.")
+    search_tokens: int | None = Field(
+        None, ge=1, description="Score the scale and clip searches on the first calibration batches holding at most "
+        "this many tokens (channel statistics still use all); None = all. AutoAWQ's default budget is 65536."
+    )
 
 
 Records = tuple[list[ModuleCall], list[Tensor], list[Tensor | None]]
@@ -71,6 +76,19 @@ class AWQ(QuantMethod):
     clip_grid = 20
     clip_max_shrink = 0.5
     clip_tokens = 512
+
+    def extra_device_bytes(self, model: nn.Module, adapter: ModelAdapter, calib_tokens: int) -> int:
+        """The recorded calls of the widest inspected module (its inputs and outputs for every
+        calibration token) plus float32 copies of the group's weights during the search."""
+        elem = next(model.parameters()).element_size()
+        hidden = model.get_input_embeddings().embedding_dim
+        record = weights = 0
+        for block in adapter.get_blocks(model)[:1]:
+            for group in adapter.groups:
+                linears = [block.get_submodule(n) for n in group.linears]
+                record = max(record, calib_tokens * elem * (linears[0].in_features + hidden))
+                weights = max(weights, 3 * 4 * sum(m.weight.numel() for m in linears))
+        return record + weights
 
     @torch.no_grad()
     def process_block(self, ctx: BlockContext) -> None:
@@ -115,6 +133,8 @@ class AWQ(QuantMethod):
         calls, xs, masks = _record(ctx, inspect, mods)
         module = ctx.block.get_submodule(inspect)
         x_mean = _channel_mean_abs(xs, masks, ctx.device)
+        del xs
+        calls, masks = _first_batches(calls, masks, self.special.search_tokens)
         linears = list(mods.values())
         originals = [m.weight.detach().clone() for m in linears]
         w_mean = self._weight_mean(originals, ctx.device) if self.special.trans_version == "v1" else None
@@ -162,6 +182,7 @@ class AWQ(QuantMethod):
         module = ctx.block.get_submodule(inspect)
         sample = _token_sample(xs, masks, self.clip_tokens, ctx.device)
         del xs
+        calls, masks = _first_batches(calls, masks, self.special.search_tokens)
         floats = {n: m.weight.detach().to(ctx.device, torch.float32).clone() for n, m in mods.items()}
         dtype = next(iter(mods.values())).weight.dtype
         fq = self.weight_quantizer.fake_quant
@@ -250,6 +271,21 @@ def _token_sample(xs: list[Tensor], masks: list[Tensor | None], n: int, device: 
         parts.append(rows[(-seen) % step :: step].to(device, torch.float32))
         seen += rows.shape[0]
     return torch.cat(parts)[:n]
+
+
+def _first_batches(
+    calls: list[ModuleCall], masks: list[Tensor | None], limit: int | None
+) -> tuple[list[ModuleCall], list[Tensor | None]]:
+    """The leading batches holding at most `limit` tokens (at least one batch)."""
+    if limit is None:
+        return calls, masks
+    total = 0
+    for n, (call, mask) in enumerate(zip(calls, masks)):
+        total += int(mask.sum()) if mask is not None else call.output.shape[:-1].numel()
+        if total > limit:
+            n = max(n, 1)
+            return calls[:n], masks[:n]
+    return calls, masks
 
 
 def _output_error(module: nn.Module, calls: list[ModuleCall], masks: list[Tensor | None]) -> float:

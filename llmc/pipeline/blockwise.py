@@ -103,7 +103,7 @@ class BlockContext:
 
     @torch.no_grad()
     def capture_calls(self, name: str) -> list[ModuleCall]:
-        """Run the block once and record every call of submodule `name` (arguments and output),
+        """Run the block up to submodule `name` and record each of its calls (arguments and output),
         so a method can re-run just that module, e.g. attention with its mask and rotary embeddings."""
         calls: list[ModuleCall] = []
 
@@ -113,7 +113,7 @@ class BlockContext:
 
         handle = self.block.get_submodule(name).register_forward_hook(hook, with_kwargs=True)
         try:
-            self.forward()
+            self.forward_until(name)
         finally:
             handle.remove()
         return calls
@@ -191,6 +191,8 @@ class BlockwisePipeline:
         self.progress = progress
         self.desc = desc
         self.block_seconds: list[float] = []
+        self.plan: object | None = None
+        """The memory plan the run was checked against (llmc.pipeline.planner.MemoryPlan)."""
 
     def run(
         self,

@@ -52,10 +52,13 @@ def _bytes(module: nn.Module) -> int:
 
 
 def block_transient_bytes(block: nn.Module, tokens_per_batch: int, elem: int) -> int:
-    """Activations alive inside one block for one batch: the widest linear outputs at once."""
-    outs = sorted((m.out_features for m in block.modules() if isinstance(m, nn.Linear)), reverse=True)
+    """Activations alive inside one block for one batch (the widest linear outputs at once), and
+    the float32 copies a fake-quantized linear makes of its weight in each forward."""
+    linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
+    outs = sorted((m.out_features for m in linears), reverse=True)
     widest = sum(outs[:3]) if outs else 0
-    return tokens_per_batch * widest * elem * 2
+    largest = max((m.in_features * m.out_features for m in linears), default=0)
+    return tokens_per_batch * widest * elem * 2 + 3 * 4 * largest
 
 
 def plan_memory(
