@@ -138,14 +138,15 @@ def write(out: Path, header: dict, rows: list[dict]) -> None:
         f"- protocol: {PROTOCOL}",
         f"- command: `{header['command']}`",
         "",
-        "| setting | method | llmc PPL | llmc time (s) | llm-compressor PPL | llm-compressor time (s) |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| setting | method | llmc PPL | llmc time (s) | llm-compressor PPL | llm-compressor time (s) | device |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
+    default_device = header["environment"]["device"]
     for r in rows:
         peer = r.get("peer") or {}
-        peer_ppl = f"{peer['ppl']:.3f}" if "ppl" in peer else (peer.get("error", "") or "")
+        peer_ppl = f"{peer['ppl']:.3f}" if "ppl" in peer else (peer.get("error", "") or "")[:160]
         peer_t = f"{peer['quantize_s']:.1f}" if "quantize_s" in peer else ""
-        lines.append(f"| {r['setting']} | {r['method']} | {r['ppl']:.3f} | {r['quantize_s']:.1f} | {peer_ppl} | {peer_t} |")
+        lines.append(f"| {r['setting']} | {r['method']} | {r['ppl']:.3f} | {r['quantize_s']:.1f} | {peer_ppl} | {peer_t} | {r.get('device', default_device)} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -180,14 +181,19 @@ def main() -> None:
     }
     rows: list[dict] = []
     if args.resume and out.with_suffix(".json").exists():
-        rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+        previous = json.loads(out.with_suffix(".json").read_text())
+        rows = previous["rows"]
+        header["environment"] = previous["environment"]  # the first run's; each row names its device
+        header["peer_versions"] = previous.get("peer_versions")
+        header["command"] = previous["command"] + "; then " + header["command"]
     done = {(r["setting"], r["method"]) for r in rows}
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     for setting, method, quant in plan():
         if (setting, method) in done or (only and setting not in only and method not in only):
             continue
         start = time.perf_counter()
-        row = {"setting": setting, "method": method, **llmc_run(model_dir, args, quant)}
+        row = {"setting": setting, "method": method, "device": environment()["device"],
+               **llmc_run(model_dir, args, quant)}
         if args.peer_python and (setting, method) in PEER_RUNS:
             row["peer"] = peer_run(model_dir, args, files, setting, method)
             header["peer_versions"] = row["peer"].get("versions", header.get("peer_versions"))

@@ -123,6 +123,7 @@ def llmc_run(folder: Path, name: str, args: argparse.Namespace, base: torch.nn.M
     plan = pipeline.plan
     return {"tool": "llmc", "run": name, "seconds": seconds, "peak_gib": peak_gib(device),
             "planned_gib": plan.peak_device / 2**30, "per_block_s": pipeline.block_seconds,
+            "stage_s": {**pipeline.stage_seconds, **{k: v for m in methods for k, v in m.stage_seconds.items()}},
             "blocks": len(pipeline.block_seconds)}
 
 

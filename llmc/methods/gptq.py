@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -231,15 +232,30 @@ class GPTQ(QuantMethod):
         results: list[tuple[str, GptqResult]] = []
         if self.special.true_sequential:
             for group in groups:
-                results += self.quantize_group(ctx, group, self.hessians(ctx, [group])[0])
+                with self.timed(ctx, "hessian"):
+                    hessian = self.hessians(ctx, [group])[0]
+                with self.timed(ctx, "solve"):
+                    results += self.quantize_group(ctx, group, hessian)
         else:
-            for group, hessian in zip(groups, self.hessians(ctx, groups)):
-                results += self.quantize_group(ctx, group, hessian)
+            with self.timed(ctx, "hessian"):
+                hessians = self.hessians(ctx, groups)
+            with self.timed(ctx, "solve"):
+                for group, hessian in zip(groups, hessians):
+                    results += self.quantize_group(ctx, group, hessian)
         # Wrapping only now keeps the Hessian forwards free of (not yet calibrated) static
         # activation quantization; later groups already saw Q, the weights were written in place.
         if self.final:
             for name, result in results:
                 self.wrap(ctx, name, result)
+
+    @contextlib.contextmanager
+    def timed(self, ctx: BlockContext, stage: str) -> Iterator[None]:
+        """Add the wall time of the body to `self.stage_seconds[stage]` (benchmarks read it)."""
+        sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda *_: None)
+        start = time.perf_counter()
+        yield
+        sync(ctx.device)
+        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + time.perf_counter() - start
 
     @torch.no_grad()
     def hessians(self, ctx: BlockContext, groups: list[list[tuple[str, nn.Module]]]) -> list[Tensor]:

@@ -55,6 +55,8 @@ def quantize_block_torch(
 
 
 if triton is not None:
+    _MAGIC_C = tl.constexpr(_MAGIC)
+    _LIMIT_C = tl.constexpr(_LIMIT)
 
     @triton.jit
     def _gptq_block_kernel(
@@ -84,8 +86,8 @@ if triton is not None:
             else:
                 si = s_row
                 zi = z_row
-            x = tl.minimum(tl.maximum(tl.math.div_rn(wi, si), -_LIMIT), _LIMIT)
-            x = (x + _MAGIC) - _MAGIC
+            x = tl.minimum(tl.maximum(tl.math.div_rn(wi, si), -_LIMIT_C), _LIMIT_C)
+            x = (x + _MAGIC_C) - _MAGIC_C
             q = (tl.minimum(tl.maximum(x + zi, qmin), qmax) - zi) * si
             d = tl.load(h_ptr + i * stride_h + i)
             err = tl.math.div_rn(wi - q, d)

@@ -191,8 +191,17 @@ class BlockwisePipeline:
         self.progress = progress
         self.desc = desc
         self.block_seconds: list[float] = []
+        self.stage_seconds: dict[str, float] = {}
+        """Wall time per stage summed over blocks (to_device, forward, process, offload)."""
         self.plan: object | None = None
         """The memory plan the run was checked against (llmc.pipeline.planner.MemoryPlan)."""
+
+    def _lap(self, stage: str, since: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + now - since
+        return now
 
     def run(
         self,
@@ -218,17 +227,22 @@ class BlockwisePipeline:
                 device=self.device,
                 targets=targets(index) if targets else [],
             )
+            lap = self._lap("to_device", start)
             outs = ctx.forward() if inputs is not None and not self.quant_out else None
+            lap = self._lap("forward", lap)
             if process is not None:
                 process(ctx)
                 if inputs is not None:
                     calibrate_static_activations(ctx)
+            lap = self._lap("process", lap)
             if inputs is not None:
                 if outs is None:
                     outs = ctx.forward()
                 check_finite(outs, f"leaving block {index}")
                 inputs = inputs.with_hidden(outs)
+            lap = self._lap("forward", lap)
             block.to(home)
+            self._lap("offload", lap)
             self.block_seconds.append(time.perf_counter() - start)
         bar.close()
         return inputs
