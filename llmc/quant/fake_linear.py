@@ -5,6 +5,11 @@ scale and zero point beside it; the fake-quantized weight is computed on the fly
 `llmc.quant.quant_disabled` gives the transformed float model back without a second
 copy of the weights. Quantization buffers are not persistent: `state_dict()` keeps the
 original layer's keys.
+
+Weight scales are rounded to the weight's dtype when it is narrower than float32 (fp16,
+bf16): real-quantized exports store scales in the model's dtype, and with a representable
+scale `(code - zero) * scale` is exact in float32, so the fake-quantized weight equals the
+exported checkpoint's dequantized weight bit for bit.
 """
 
 from __future__ import annotations
@@ -13,15 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmc.quant.fp8 import FP8Quantizer
 from llmc.quant.quantizer import IntQuantizer
+
+Quantizer = IntQuantizer | FP8Quantizer
 
 
 class FakeQuantLinear(nn.Module):
     def __init__(
         self,
         linear: nn.Linear,
-        weight_quantizer: IntQuantizer,
-        act_quantizer: IntQuantizer | None = None,
+        weight_quantizer: Quantizer,
+        act_quantizer: Quantizer | None = None,
         act_static: bool = False,
     ) -> None:
         super().__init__()
@@ -44,7 +52,7 @@ class FakeQuantLinear(nn.Module):
 
     @classmethod
     def wrap(
-        cls, parent: nn.Module, name: str, weight_quantizer: IntQuantizer, act_quantizer: IntQuantizer | None = None,
+        cls, parent: nn.Module, name: str, weight_quantizer: Quantizer, act_quantizer: Quantizer | None = None,
         act_static: bool = False,
     ) -> FakeQuantLinear:
         """Replace the linear `parent.<name>` (dotted) by a fake-quant linear and return it."""
@@ -63,7 +71,7 @@ class FakeQuantLinear(nn.Module):
         self.set_weight_qparams(scale, zero)
 
     def set_weight_qparams(self, scale: Tensor, zero: Tensor) -> None:
-        self.w_scale = scale.to(self.weight.device)
+        self.w_scale = representable_scale(scale, self.weight.dtype).to(self.weight.device)
         self.w_zero = zero.to(self.weight.device)
 
     def fake_weight(self) -> Tensor:
@@ -112,6 +120,14 @@ class FakeQuantLinear(nn.Module):
             w += f" g{wq.group_size}"
         a = f", a{aq.bit} {aq.granularity}{' static' if self.act_static else ''}" if aq else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, {w}{a}"
+
+
+def representable_scale(scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """`scale` (float32) rounded to a nonzero finite value of `dtype` when that is fp16 or bf16."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return scale
+    info = torch.finfo(dtype)
+    return scale.clamp(info.tiny, info.max).to(dtype).to(scale.dtype)
 
 
 def fake_quant_modules(model: nn.Module) -> list[tuple[str, FakeQuantLinear]]:
