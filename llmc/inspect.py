@@ -220,8 +220,12 @@ def compact_names(names: list[str]) -> list[str]:
             out.append(pattern)
             continue
         lo, hi = min(ids), max(ids)
-        span = f"{{{lo}..{hi}}}" if sorted(ids) == list(range(lo, hi + 1)) and hi > lo else (
-            "{" + ",".join(map(str, sorted(ids))) + "}")
+        if len(ids) == 1:
+            span = str(lo)
+        elif sorted(ids) == list(range(lo, hi + 1)):
+            span = f"{{{lo}..{hi}}}"
+        else:
+            span = "{" + ",".join(map(str, sorted(ids))) + "}"
         out.append(pattern.replace("{}", span))
     return out
 
