@@ -168,14 +168,21 @@ def test_w8a8_formats(tmp_path, tiny_llama_dir, quant, fmt, runtime_equal):
                                    rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype,torch_dtype", [("float16", torch.float16), ("bfloat16", torch.bfloat16)])
-def test_half_models_store_scales_in_their_dtype_bit_equal(tmp_path, tiny_llama_dir, dtype, torch_dtype):
-    result = export(tiny_llama_dir, tmp_path / "out", W4_ASYM, dtype=dtype)
+@pytest.mark.parametrize("dtype,torch_dtype,quant", [
+    ("float16", torch.float16, W4_ASYM), ("bfloat16", torch.bfloat16, W8A8_STATIC),
+], ids=["fp16-w4-asym", "bf16-w8a8-static"])
+def test_half_models_store_scales_in_their_dtype_bit_equal(tmp_path, tiny_llama_dir, dtype, torch_dtype, quant):
+    result = export(tiny_llama_dir, tmp_path / "out", quant, dtype=dtype)
     folder = tmp_path / "out" / "vllm_quant_model"
     _, state = read_folder(folder)
-    assert state["model.layers.0.mlp.up_proj.weight_scale"].dtype == torch_dtype
+    name = "model.layers.0.mlp.up_proj"
+    assert state[f"{name}.weight_scale"].dtype == torch_dtype
     assert state["model.norm.weight"].dtype == torch_dtype
     assert_bit_equal(result, folder)
+    if "act" in quant:  # the static activation scale llmc used is representable, and stored exactly
+        a_scale = result.model.get_submodule(name).a_scale.reshape(1)
+        assert state[f"{name}.input_scale"].dtype == torch_dtype
+        assert torch.equal(state[f"{name}.input_scale"].float(), a_scale)
 
 
 def test_save_sgl_writes_the_same_checkpoint(tmp_path, tiny_llama_dir):

@@ -9,7 +9,8 @@ original layer's keys.
 Weight scales are rounded to the weight's dtype when it is narrower than float32 (fp16,
 bf16): real-quantized exports store scales in the model's dtype, and with a representable
 scale `(code - zero) * scale` is exact in float32, so the fake-quantized weight equals the
-exported checkpoint's dequantized weight bit for bit.
+exported checkpoint's dequantized weight bit for bit. Static activation scales are rounded
+alike, so the stored `input_scale` is the one llmc used.
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ class FakeQuantLinear(nn.Module):
         self.observing = False
         if self._a_min is None or self.act_quantizer is None:
             raise RuntimeError("no activations were observed for static activation quantization")
-        self.a_scale, self.a_zero = self.act_quantizer.params_from_range(self._a_min, self._a_max)
+        scale, self.a_zero = self.act_quantizer.params_from_range(self._a_min, self._a_max)
+        self.a_scale = representable_scale(scale, self.weight.dtype)
         self._a_min = self._a_max = None
 
     def forward(self, x: Tensor) -> Tensor:
