@@ -170,7 +170,8 @@ def test_w8a8_formats(tmp_path, tiny_llama_dir, quant, fmt, runtime_equal):
 
 @pytest.mark.parametrize("dtype,torch_dtype,quant", [
     ("float16", torch.float16, W4_ASYM), ("bfloat16", torch.bfloat16, W8A8_STATIC),
-], ids=["fp16-w4-asym", "bf16-w8a8-static"])
+    ("bfloat16", torch.bfloat16, {**W4_ASYM, "method": "GPTQ"}),
+], ids=["fp16-w4-asym", "bf16-w8a8-static", "bf16-gptq-w4-asym"])
 def test_half_models_store_scales_in_their_dtype_bit_equal(tmp_path, tiny_llama_dir, dtype, torch_dtype, quant):
     result = export(tiny_llama_dir, tmp_path / "out", quant, dtype=dtype)
     folder = tmp_path / "out" / "vllm_quant_model"

@@ -15,7 +15,7 @@ norms, lm_head, linears left in float) is saved as it is in the model, in the mo
 
 Dtype and bit-equality: scales are stored in the model's dtype, as compressed-tensors itself
 initializes them. For float32 models that is exact. For fp16/bf16 models FakeQuantLinear
-rounds its weight scales to that dtype (`representable_scale`), so compressed-tensors'
+rounds its scales to that dtype (`IntQuantizer.scale_dtype`, `representable_scale`), so compressed-tensors'
 dequantization `(code - zero) * scale` in that dtype equals llmc's fake-quantized weight.
 """
 

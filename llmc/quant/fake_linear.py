@@ -7,8 +7,9 @@ copy of the weights. Quantization buffers are not persistent: `state_dict()` kee
 original layer's keys.
 
 Weight scales are rounded to the weight's dtype when it is narrower than float32 (fp16,
-bf16): real-quantized exports store scales in the model's dtype, and with a representable
-scale `(code - zero) * scale` is exact in float32, so the fake-quantized weight equals the
+bf16; the weight quantizer gets `scale_dtype`, and scales set from outside are rounded too):
+real-quantized exports store scales in the model's dtype, and with a representable scale
+`(code - zero) * scale` is exact in float32, so the fake-quantized weight equals the
 exported checkpoint's dequantized weight bit for bit. Static activation scales are rounded
 alike, so the stored `input_scale` is the one llmc used.
 """
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmc.quant.fp8 import FP8Quantizer
-from llmc.quant.quantizer import IntQuantizer
+from llmc.quant.quantizer import IntQuantizer, representable_scale
 
 Quantizer = IntQuantizer | FP8Quantizer
 
@@ -38,7 +39,7 @@ class FakeQuantLinear(nn.Module):
         self.out_features = linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self.weight_quantizer = weight_quantizer
+        self.weight_quantizer = weight_quantizer.for_dtype(linear.weight.dtype)
         self.act_quantizer = act_quantizer
         self.act_static = act_static
         self.enabled = True
@@ -122,14 +123,6 @@ class FakeQuantLinear(nn.Module):
             w += f" g{wq.group_size}"
         a = f", a{aq.bit} {aq.granularity}{' static' if self.act_static else ''}" if aq else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, {w}{a}"
-
-
-def representable_scale(scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """`scale` (float32) rounded to a nonzero finite value of `dtype` when that is fp16 or bf16."""
-    if dtype not in (torch.float16, torch.bfloat16):
-        return scale
-    info = torch.finfo(dtype)
-    return scale.clamp(info.tiny, info.max).to(dtype).to(scale.dtype)
 
 
 def fake_quant_modules(model: nn.Module) -> list[tuple[str, FakeQuantLinear]]:

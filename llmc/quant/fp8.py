@@ -10,10 +10,13 @@ from `minmax` or `mse` (the same clipping-ratio grid search as the integer quant
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from llmc.quant.quantizer import HALF_DTYPES, representable_scale
 
 FP8_E4M3_MAX = 448.0
 FP8_DTYPE = torch.float8_e4m3fn
@@ -35,6 +38,12 @@ class FP8Quantizer:
     partial_group: bool = False
     mse_grid: int = 100
     mse_maxshrink: float = 0.8
+    scale_dtype: torch.dtype | None = None
+    """fp16/bf16: scales are rounded to this dtype (see IntQuantizer.scale_dtype)."""
+
+    def for_dtype(self, dtype: torch.dtype) -> FP8Quantizer:
+        wanted = dtype if dtype in HALF_DTYPES else None
+        return self if wanted == self.scale_dtype else dataclasses.replace(self, scale_dtype=wanted)
 
     def __post_init__(self) -> None:
         if self.bit != "e4m3":
@@ -67,6 +76,7 @@ class FP8Quantizer:
         """Scale (`absmax / 448`) and an all-zero zero point, both `[rows, 1]` float32."""
         absmax = torch.maximum(xmax.float(), -xmin.float()).clamp(min=0)
         scale = (absmax / FP8_E4M3_MAX).clamp(min=torch.finfo(torch.float32).tiny * 1e3)
+        scale = representable_scale(scale, self.scale_dtype)
         return scale, torch.zeros_like(scale)
 
     def calc_qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
