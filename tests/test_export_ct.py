@@ -186,6 +186,20 @@ def test_half_models_store_scales_in_their_dtype_bit_equal(tmp_path, tiny_llama_
         assert torch.equal(state[f"{name}.input_scale"].float(), a_scale)
 
 
+def test_ignored_layers_are_listed_and_stay_float(tmp_path, tiny_llama_dir):
+    ignored = {"block_ids": [1], "layer_names": ["mlp.down_proj"],
+               "speical_names": ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+                                 "model.layers.0.self_attn.v_proj"]}
+    result = export(tiny_llama_dir, tmp_path / "out", {**W4_SYM, "ignored_layers": ignored})
+    folder = tmp_path / "out" / "vllm_quant_model"
+    qc, state = read_folder(folder)
+    assert len(qc["ignore"]) == 1 + 7 + 2 + 3 and "lm_head" in qc["ignore"]
+    assert "model.layers.1.self_attn.o_proj" in qc["ignore"] and "model.layers.2.mlp.down_proj" in qc["ignore"]
+    assert state["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float32
+    assert_bit_equal(result, folder)
+    assert torch.equal(logits(hf_load(folder, dequantize=False)), logits(result.model))
+
+
 def test_save_sgl_writes_the_same_checkpoint(tmp_path, tiny_llama_dir):
     cfg = tiny_config(tiny_llama_dir, quant=W4_SYM,
                       save={"save_vllm": True, "save_sgl": True, "save_path": str(tmp_path / "out")})
@@ -220,8 +234,11 @@ def no_heavy_work(monkeypatch):
     ({"method": "RTN", "weight": {**FP8_W, "granularity": "per_channel"}}, ["fp8", "float-quant"]),
     ({"method": "RTN", "weight": {**FP8_W, "granularity": "per_channel"}, "act": {"bit": 8}}, ["float-quant"]),
     ({"method": "GPTQ", "weight": {"bit": 4, "group_size": 32}, "special": {"actorder": True}}, ["actorder"]),
+    ({**W4_SYM, "ignored_layers": {"layer_names": ["self_attn.q_proj"]}}, ["self_attn.q_proj", "self_attn.k_proj"]),
+    ({**W4_SYM, "ignored_layers": {"speical_names": ["model.layers.1.mlp.up_proj"]}},
+     ["model.layers.1.mlp.up_proj", "model.layers.1.mlp.gate_proj"]),
 ], ids=["w3", "per-tensor", "partial-group", "w4a8", "asym-act", "dynamic-per-tensor-int8",
-        "w8a8-grouped", "fp8-weight-only", "fp8-int-act", "gptq-actorder"])
+        "w8a8-grouped", "fp8-weight-only", "fp8-int-act", "gptq-actorder", "split-qkv", "split-gate-up"])
 def test_unexportable_configs_are_refused_before_work(tmp_path, tiny_llama_dir, capsys, no_heavy_work, quant,
                                                      words):
     out = tmp_path / "out"

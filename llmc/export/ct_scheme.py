@@ -17,6 +17,9 @@ from __future__ import annotations
 
 from llmc.config.schema import LlmcConfig, QuantSection
 
+FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+"""Linears vLLM and SGLang fuse into one (qkv_proj, gate_up_proj): all of them or none may stay in float."""
+
 WEIGHT_ONLY_BITS = (4, 8)
 """vLLM's WNA16 kernels take 4- and 8-bit weights; compressed-tensors packs 2..8 bits but 2/3-bit
 checkpoints would not load in vLLM or SGLang."""
@@ -32,6 +35,10 @@ def unsupported(cfg: LlmcConfig) -> str | None:
     if quant is None:
         return "there is no quant section to export; add quant (e.g. RTN, 4-bit weights)"
     w, a = quant.weight, quant.act
+    split = split_fused(quant)
+    if split:
+        return (f"ignored_layers leaves {split[0]} in float but not {split[1]}; vLLM/SGLang fuse them, "
+                "so ignore all of them or none")
     if any(m.lower() == "gptq" for m in quant.methods) and _gptq_actorder(quant):
         return ("GPTQ act-order groups (special actorder: true) are not stored by compressed-tensors; "
                 "set actorder: false")
@@ -62,6 +69,29 @@ def unsupported(cfg: LlmcConfig) -> str | None:
     if a.granularity == "per_tensor" and not a.static:
         return ("dynamic int8 activations must be per_token; set quant.act.granularity: per_token "
                 "(or static: true for per_tensor)")
+    return None
+
+
+def split_fused(quant: QuantSection) -> tuple[str, str] | None:
+    """(an ignored linear, a quantized one) of one fused set, or None when no fused set is split."""
+    ignored = quant.ignored_layers
+    names = [(None, n) for n in ignored.layer_names]
+    for full in ignored.speical_names:
+        for group in FUSED:
+            for leaf in group:
+                if full.endswith("." + leaf):
+                    names.append((full[: -len(leaf) - 1], leaf))
+    for prefix, leaf in names:
+        group = next((g for g in FUSED if leaf in g), None)
+        if group is None:
+            continue
+        for other in group:
+            if other in ignored.layer_names:
+                continue
+            if prefix is not None and f"{prefix}.{other}" in ignored.speical_names:
+                continue
+            here = leaf if prefix is None else f"{prefix}.{leaf}"
+            return here, other if prefix is None else f"{prefix}.{other}"
     return None
 
 
