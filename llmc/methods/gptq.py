@@ -290,7 +290,8 @@ class GPTQ(QuantMethod):
         for part in parts:
             weight = torch.cat([m.weight for _, m in part])
             try:
-                res = gptq_quantize(weight, hessian, wq, sp.blocksize, sp.percdamp, sp.actorder, sp.static_groups)
+                res = gptq_quantize(weight, hessian, wq.for_dtype(weight.dtype), sp.blocksize, sp.percdamp,
+                                    sp.actorder, sp.static_groups)
             except NumericsError as exc:
                 names = ", ".join(n for n, _ in part)
                 raise NumericsError(f"GPTQ on block {ctx.index} ({names}): {exc}") from None

@@ -20,6 +20,7 @@ class RTN(QuantMethod):
     name = "RTN"
     aliases = ("Naive",)
     needs_calibration = False
+    float_quant = True
 
     def process_block(self, ctx: BlockContext) -> None:
         for name in ctx.targets:

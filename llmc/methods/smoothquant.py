@@ -69,6 +69,7 @@ class SmoothQuant(QuantMethod):
     name = "SmoothQuant"
     needs_calibration = True
     Special = SmoothQuantSpecial
+    float_quant = True
 
     def smoothable(self, ctx: BlockContext) -> list[tuple[LinearGroup, list[nn.Module], nn.Module]]:
         """The groups to smooth in this block: (group, its linears, the producer of their input)."""

@@ -5,6 +5,13 @@ scale and zero point beside it; the fake-quantized weight is computed on the fly
 `llmc.quant.quant_disabled` gives the transformed float model back without a second
 copy of the weights. Quantization buffers are not persistent: `state_dict()` keeps the
 original layer's keys.
+
+Weight scales are rounded to the weight's dtype when it is narrower than float32 (fp16,
+bf16; the weight quantizer gets `scale_dtype`, and scales set from outside are rounded too):
+real-quantized exports store scales in the model's dtype, and with a representable scale
+`(code - zero) * scale` is exact in float32, so the fake-quantized weight equals the
+exported checkpoint's dequantized weight bit for bit. Static activation scales are rounded
+alike, so the stored `input_scale` is the one llmc used.
 """
 
 from __future__ import annotations
@@ -13,15 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmc.quant.quantizer import IntQuantizer
+from llmc.quant.fp8 import FP8Quantizer
+from llmc.quant.quantizer import IntQuantizer, representable_scale
+
+Quantizer = IntQuantizer | FP8Quantizer
 
 
 class FakeQuantLinear(nn.Module):
     def __init__(
         self,
         linear: nn.Linear,
-        weight_quantizer: IntQuantizer,
-        act_quantizer: IntQuantizer | None = None,
+        weight_quantizer: Quantizer,
+        act_quantizer: Quantizer | None = None,
         act_static: bool = False,
     ) -> None:
         super().__init__()
@@ -29,7 +39,7 @@ class FakeQuantLinear(nn.Module):
         self.out_features = linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self.weight_quantizer = weight_quantizer
+        self.weight_quantizer = weight_quantizer.for_dtype(linear.weight.dtype)
         self.act_quantizer = act_quantizer
         self.act_static = act_static
         self.enabled = True
@@ -44,7 +54,7 @@ class FakeQuantLinear(nn.Module):
 
     @classmethod
     def wrap(
-        cls, parent: nn.Module, name: str, weight_quantizer: IntQuantizer, act_quantizer: IntQuantizer | None = None,
+        cls, parent: nn.Module, name: str, weight_quantizer: Quantizer, act_quantizer: Quantizer | None = None,
         act_static: bool = False,
     ) -> FakeQuantLinear:
         """Replace the linear `parent.<name>` (dotted) by a fake-quant linear and return it."""
@@ -63,7 +73,7 @@ class FakeQuantLinear(nn.Module):
         self.set_weight_qparams(scale, zero)
 
     def set_weight_qparams(self, scale: Tensor, zero: Tensor) -> None:
-        self.w_scale = scale.to(self.weight.device)
+        self.w_scale = representable_scale(scale, self.weight.dtype).to(self.weight.device)
         self.w_zero = zero.to(self.weight.device)
 
     def fake_weight(self) -> Tensor:
@@ -97,7 +107,8 @@ class FakeQuantLinear(nn.Module):
         self.observing = False
         if self._a_min is None or self.act_quantizer is None:
             raise RuntimeError("no activations were observed for static activation quantization")
-        self.a_scale, self.a_zero = self.act_quantizer.params_from_range(self._a_min, self._a_max)
+        scale, self.a_zero = self.act_quantizer.params_from_range(self._a_min, self._a_max)
+        self.a_scale = representable_scale(scale, self.weight.dtype)
         self._a_min = self._a_max = None
 
     def forward(self, x: Tensor) -> Tensor:

@@ -10,10 +10,21 @@ is in the grid, so `mse` never does worse than `minmax`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def representable_scale(scale: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """`scale` rounded to a nonzero finite value of `dtype` when that is fp16 or bf16 (same tensor dtype)."""
+    if dtype not in HALF_DTYPES:
+        return scale
+    info = torch.finfo(dtype)
+    return scale.clamp(info.tiny, info.max).to(dtype).to(scale.dtype)
 
 
 def round_ste(x: Tensor) -> Tensor:
@@ -32,6 +43,14 @@ class IntQuantizer:
     """per_group only: allow a last group narrower than group_size when it does not divide the features."""
     mse_grid: int = 100
     mse_maxshrink: float = 0.8
+    scale_dtype: torch.dtype | None = None
+    """fp16/bf16: scales are rounded to this dtype (the model's), so a checkpoint that stores them in
+    it dequantizes to exactly the fake-quantized weight; None keeps float32 scales."""
+
+    def for_dtype(self, dtype: torch.dtype) -> IntQuantizer:
+        """This quantizer with scales representable in `dtype` (a weight's dtype)."""
+        wanted = dtype if dtype in HALF_DTYPES else None
+        return self if wanted == self.scale_dtype else dataclasses.replace(self, scale_dtype=wanted)
 
     def __post_init__(self) -> None:
         if not 2 <= self.bit <= 8:
@@ -79,10 +98,10 @@ class IntQuantizer:
         tiny = torch.finfo(torch.float32).tiny * 1e3
         if self.symmetric:
             absmax = torch.maximum(xmax, -xmin)
-            scale = (absmax / self.qmax).clamp(min=tiny)
+            scale = representable_scale((absmax / self.qmax).clamp(min=tiny), self.scale_dtype)
             zero = torch.zeros_like(scale)
         else:
-            scale = ((xmax - xmin) / self.qmax).clamp(min=tiny)
+            scale = representable_scale(((xmax - xmin) / self.qmax).clamp(min=tiny), self.scale_dtype)
             zero = (-xmin / scale).round().clamp(self.qmin, self.qmax)
         return scale, zero
 
