@@ -43,7 +43,9 @@ def test_cuda_matches_cpu(tiny_model_dir, case):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
         else:
             # Reductions run in another order on the GPU; a weight may land on the neighbouring grid
-            # point, but almost all must agree and none may move by more than a few grid steps.
+            # point. GPTQ feeds every rounding error forward to later columns, so one flipped rounding
+            # (the Triton kernel fuses multiply-adds) moves more weights: on tiny OPT's fc2 94% agreed
+            # (H100, 2026-11-25) while perplexity agreed to 5e-4; the perplexity check below is the bound.
             same = torch.isclose(a, b, rtol=1e-4, atol=1e-5).float().mean().item()
-            assert same > 0.99, (name, same)
+            assert same > (0.9 if "GPTQ" in case else 0.99), (name, same)
     assert cpu_result.ppl("fake_quant") == pytest.approx(gpu_result.ppl("fake_quant"), rel=2e-3)
