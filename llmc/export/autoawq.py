@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from llmc.config.schema import LlmcConfig
 from llmc.errors import ConfigError, ModelError
-from llmc.export.base import Exporter, QuantizedLinear, register_exporter
+from llmc.export.base import Exporter, QuantizedLinear, quantized_linears, register_exporter
 from llmc.export.int_packing import pack_awq
 from llmc.export.packed_checkpoint import float_linear_names, fp16_scales, write_packed_checkpoint
 from llmc.export.packed_checks import arbitrary_groups, require_weight_only
@@ -96,7 +96,7 @@ def pack_awq_layer(layer: QuantizedLinear) -> dict[str, Tensor]:
 def write_awq(model: nn.Module, tokenizer: object, folder, cfg: LlmcConfig) -> None:
     skipped = float_linear_names(model) or None
     config = awq_quantization_config(cfg.quant.weight.group_size, skipped)
-    write_packed_checkpoint(model, tokenizer, folder, pack_awq_layer, config)
+    write_packed_checkpoint(model, tokenizer, folder, quantized_linears(model), pack_awq_layer, config)
 
 
 register_exporter(Exporter("save_autoawq", "autoawq_quant_model", lambda cfg: check_awq(cfg, "save_autoawq"), write_awq))

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from llmc.errors import ModelError
-from llmc.export.base import QuantizedLinear, quantized_linears
+from llmc.export.base import QuantizedLinear
 
 MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -63,12 +63,12 @@ def write_packed_checkpoint(
     model: nn.Module,
     tokenizer: object,
     folder: Path,
+    layers: list[QuantizedLinear],
     pack: Callable[[QuantizedLinear], dict[str, Tensor]],
     quantization_config: dict,
     extra_json: dict[str, dict] | None = None,
-) -> list[QuantizedLinear]:
+) -> None:
     """Write the checkpoint: `pack(layer)` gives each quantized linear's tensors (keys without prefix)."""
-    layers = quantized_linears(model)
     if not layers:
         raise ModelError("the model has no quantized linears to export; set quant.method (e.g. RTN)")
     state = float16_state(model, {f"{q.name}.weight" for q in layers})
@@ -90,7 +90,6 @@ def write_packed_checkpoint(
         (folder / name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(folder)
-    return layers
 
 
 def save_shards(state: dict[str, Tensor], folder: Path, max_bytes: int = MAX_SHARD_BYTES) -> None:
