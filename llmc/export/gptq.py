@@ -36,7 +36,7 @@ from llmc import __version__
 from llmc.config.schema import LlmcConfig
 from llmc.errors import ConfigError, ModelError
 from llmc.export.base import Exporter, QuantizedLinear, quantized_linears, register_exporter
-from llmc.export.int_packing import pack_cols, pack_rows, values_per_block
+from llmc.export.int_packing import pack_cols, values_per_block
 from llmc.export.packed_checkpoint import float_linear_names, fp16_scales, write_packed_checkpoint
 from llmc.export.packed_checks import require_weight_only
 
@@ -81,7 +81,7 @@ def pack_gptq_layer(layer: QuantizedLinear) -> dict[str, Tensor]:
     codes, zero = gptq_codes_and_zeros(layer)
     stored_zero = zero - 1 if q.symmetric else zero  # v1 "zero - 1" (sym, never negative) / gptq_v2
     return {
-        "qweight": pack_rows(codes.T.contiguous(), q.bit),
+        "qweight": pack_cols(codes, q.bit).T.contiguous(),  # packed along the input dimension
         "qzeros": pack_cols(stored_zero.T.contiguous(), q.bit),
         "scales": fp16_scales(layer).T.contiguous(),
         "g_idx": layer.g_idx.to(torch.int32),

@@ -26,31 +26,48 @@ def values_per_block(bits: int) -> int:
     return WORD_BITS if WORD_BITS % bits else WORD_BITS // bits
 
 
+def _word_fields(bits: int) -> list[list[tuple[int, int]]]:
+    """Per word of a packing unit, the (code index, bit offset) pairs landing in it; a negative
+    offset is a code's upper bits continuing from the previous word."""
+    unit = values_per_block(bits)
+    words: list[list[tuple[int, int]]] = [[] for _ in range(unit * bits // WORD_BITS)]
+    for j in range(unit):
+        start = bits * j  # position of code j in the unit's little-endian bit stream
+        for w in range(start // WORD_BITS, (start + bits - 1) // WORD_BITS + 1):
+            words[w].append((j, start - WORD_BITS * w))
+    return words
+
+
 def pack_cols(codes: Tensor, bits: int) -> Tensor:
     """Pack `[rows, cols]` codes in `[0, 2^bits)` along dim 1 into int32 `[rows, cols * bits / 32]`."""
     rows, cols = codes.shape
     unit = values_per_block(bits)
     if cols % unit:
         raise ValueError(f"{cols} columns are not a multiple of {unit}, needed to pack {bits}-bit codes")
-    q = codes.to(torch.int64)
+    q = codes
     if q.numel() and (q.min() < 0 or q.max() >= 2**bits):
         raise ValueError(f"codes outside [0, {2**bits - 1}] cannot be packed in {bits} bits")
-    words_per_unit = unit * bits // WORD_BITS
-    q = q.reshape(rows, cols // unit, unit)
-    out = torch.zeros(rows, cols // unit, words_per_unit, dtype=torch.int64)
-    for j in range(unit):
-        start = bits * j  # position of code j in the unit's little-endian bit stream
-        for w in range(start // WORD_BITS, (start + bits - 1) // WORD_BITS + 1):
-            offset = start - WORD_BITS * w
-            part = q[:, :, j] << offset if offset >= 0 else q[:, :, j] >> -offset
-            out[:, :, w] |= part & 0xFFFFFFFF
-    out = out.reshape(rows, -1)
+    if WORD_BITS % bits == 0:
+        # One word per unit: fields never straddle words, and disjoint fields add without carries
+        # (the int32 sum wraps into the sign bit exactly as the packed word reads).
+        shifts = torch.arange(unit, dtype=torch.int32) * bits
+        return (q.to(torch.int32).reshape(rows, cols // unit, unit) << shifts).sum(dim=-1, dtype=torch.int32)
+    q = q.to(torch.int64).reshape(rows, cols // unit, unit)
+    words = []
+    for fields in _word_fields(bits):
+        idx = torch.tensor([j for j, _ in fields])
+        offsets = torch.tensor([o for _, o in fields])
+        part = q[:, :, idx]
+        # Fields of one word are disjoint bit ranges, so their sum is their bitwise or.
+        shifted = torch.where(offsets >= 0, part << offsets.clamp(min=0), part >> (-offsets).clamp(min=0))
+        words.append((shifted & 0xFFFFFFFF).sum(dim=-1))
+    out = torch.stack(words, dim=-1).reshape(rows, -1)
     return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
 
 
 def pack_rows(codes: Tensor, bits: int) -> Tensor:
     """Pack `[rows, cols]` codes along dim 0 into int32 `[rows * bits / 32, cols]` (GPTQ qweight)."""
-    return pack_cols(codes.T, bits).T.contiguous()
+    return pack_cols(codes.T.contiguous(), bits).T.contiguous()
 
 
 def pack_awq(codes: Tensor) -> Tensor:
