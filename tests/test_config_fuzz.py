@@ -73,6 +73,7 @@ VALID: dict[str, list] = {
     "speical_names": [[], ["model.layers.0.mlp.up_proj"]], "method": ["RTN", "Naive", "rtn", "GPTQ"],
     "special": [{}, {"x": 1}], "quant_out": [True, False],
     "save_trans": [True, False], "save_fake": [True, False], "save_path": [None, "out"], "overwrite": [True, False],
+    **{k: [True, False] for k in ("save_vllm", "save_sgl", "save_autoawq", "save_mlcllm", "save_gptq")},
     "weight": [{}, {"bit": 3}], "act": [None, {}, {"static": True, "granularity": "per_tensor"}],
     "ignored_layers": [{}, {"block_ids": ["0-1"]}],
 }

@@ -74,20 +74,34 @@ def test_autoawq_layout_dequantizes_to_fake_weights(awq_run):
     assert json.loads((mlc / "config.json").read_text())["quantization_config"] == qc
 
 
-def test_transformers_loads_autoawq_layout(awq_run, tmp_path):
-    """transformers 5 loads AWQ through GPTQModel; its `torch_awq` kernel runs on CPU."""
+def test_transformers_loads_autoawq_layout(awq_run, tiny_llama_dir, tmp_path):
+    """transformers 5 loads AWQ through GPTQModel; its `torch_awq` kernel runs on CPU. A second
+    export leaves block 0 in float: modules_to_not_convert must keep transformers off it."""
     result, out = awq_run
+    partial_out = tmp_path / "partial"
+    cfg = tiny_config(
+        tiny_llama_dir, quant={"method": "RTN", "weight": W4_G32, "ignored_layers": {"block_ids": [0]}},
+        save={"save_autoawq": True, "save_path": str(partial_out)},
+    )
+    cfg.pop("eval")
+    partial = compress(cfg, progress=False)
+    partial_folder = partial_out / "autoawq_quant_model"
+    qc = json.loads((partial_folder / "config.json").read_text())["quantization_config"]
+    assert qc["modules_to_not_convert"] == [f"model.layers.0.{n}" for n in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
     ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
-    [loaded], [kernel] = consumer_load([out / "autoawq_quant_model"], ids, tmp_path)
-    assert kernel == "AwqTorchLinear"
-    layers = quantized_linears(result.model)
-    assert sorted(k for k in loaded if k != "logits") == sorted(q.name for q in layers)
-    for layer in layers:
-        assert torch.equal(loaded[layer.name], fp16_reference(layer)), layer.name
-    with torch.no_grad():
-        expected = result.model(ids).logits
-    # float16 activations in the loaded model vs float32 in ours.
-    torch.testing.assert_close(loaded["logits"], expected, rtol=0, atol=2e-2)
+    loaded, kernels = consumer_load([out / "autoawq_quant_model", partial_folder], ids, tmp_path)
+    assert kernels == ["AwqTorchLinear", "AwqTorchLinear"]
+    for run, dense in ((result, loaded[0]), (partial, loaded[1])):
+        layers = quantized_linears(run.model)
+        assert sorted(k for k in dense if k != "logits") == sorted(q.name for q in layers)
+        for layer in layers:
+            assert torch.equal(dense[layer.name], fp16_reference(layer)), layer.name
+        with torch.no_grad():
+            expected = run.model(ids).logits
+        # float16 activations in the loaded model vs float32 in ours.
+        torch.testing.assert_close(dense["logits"], expected, rtol=0, atol=2e-2)
 
 
 REFUSED = [

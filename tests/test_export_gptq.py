@@ -24,6 +24,10 @@ CASES = {
         "method": "RTN", "weight": {"bit": 8, "symmetric": True, "granularity": "per_channel", "group_size": -1},
     },
     "rtn_w2_asym_g32": {"method": "RTN", "weight": {"bit": 2, "symmetric": False, "group_size": 32}},
+    "rtn_w4_asym_block0_float": {
+        "method": "RTN", "weight": {"bit": 4, "symmetric": False, "group_size": 32},
+        "ignored_layers": {"block_ids": [0], "layer_names": ["mlp.down_proj"]},
+    },
     "gptq_w4_asym_actorder": {
         "method": "GPTQ", "weight": {"bit": 4, "symmetric": False, "group_size": 32},
         "special": {"actorder": True, "static_groups": False},
@@ -64,6 +68,14 @@ def test_gptq_layout(gptq_runs, name):
         if sym:  # classic v1: zero 2^(b-1) stored as 2^(b-1) - 1 in every field (0x77777777 for 4-bit)
             fields = [((t["qzeros"].long() & 0xFFFFFFFF) >> (bits * j)) & (2**bits - 1) for j in range(32 // bits)]
             assert all(torch.all(f == 2 ** (bits - 1) - 1) for f in fields)
+    float_names = [n for n in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj")
+                   if "ignored_layers" in CASES[name]]
+    # Linears left in float stay float16 weights, and the loaders are told to leave them alone.
+    assert float_names == [n for n in float_names if f"{n}.weight" in tensors and f"{n}.qweight" not in tensors]
+    if float_names:
+        assert qc["modules_in_block_to_quantize"] == [[q.name for q in quantized_linears(result.model)]]
+    else:
+        assert "modules_in_block_to_quantize" not in qc
     if name.endswith("actorder"):
         g_idx = tensors["model.layers.0.mlp.down_proj.g_idx"].long()
         assert not torch.equal(g_idx, torch.arange(g_idx.numel()) // 32)  # arbitrary groups
