@@ -122,3 +122,17 @@ def test_impossible_gptq_configs_refused_before_calibration(tiny_llama_dir, tmp_
     lines = [line for line in err.splitlines() if line.startswith("llmc: error:")]
     assert len(lines) == 1 and "save_gptq" in lines[0] and word in lines[0], err
     assert not save_path.exists() and list(tmp_path.iterdir()) == [path]
+
+
+def test_large_checkpoints_are_sharded_with_an_index(tmp_path):
+    from safetensors.torch import load_file
+
+    from llmc.export.packed_checkpoint import save_shards
+
+    state = {f"t{i}": torch.full((256,), float(i), dtype=torch.float16) for i in range(5)}
+    save_shards(state, tmp_path, max_bytes=1024)  # two 512-byte tensors per shard
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 5 * 512
+    assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    for key, tensor in state.items():
+        assert torch.equal(load_file(str(tmp_path / index["weight_map"][key]))[key], tensor)

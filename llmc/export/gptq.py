@@ -104,7 +104,6 @@ def gptq_quantization_config(cfg: LlmcConfig, desc_act: bool, only: list[str] | 
         "desc_act": desc_act,
         "sym": w.symmetric,
         "lm_head": False,
-        "true_sequential": True,
         "checkpoint_format": "gptq" if w.symmetric else "gptq_v2",
         "pack_dtype": "int32",
         "meta": {"quantizer": [f"llmc:{__version__}"]},

@@ -44,7 +44,15 @@ def float16_state(model: nn.Module, replaced: set[str]) -> dict[str, Tensor]:
             continue
         seen.add(ident)
         t = tensor.detach().cpu()
-        state[key] = t.to(torch.float16) if t.is_floating_point() else t
+        if t.is_floating_point():
+            half = t.to(torch.float16)
+            if torch.isinf(half).any() and not torch.isinf(t).any():
+                raise ModelError(
+                    f"{key} exceeds float16's range, and this layout stores float16 weights; "
+                    f"use save_fake, or leave the layer unquantized and keep the model in its dtype"
+                )
+            t = half
+        state[key] = t
     return state
 
 
