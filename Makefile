@@ -14,6 +14,11 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 # torch is installed first and pinned: 2.13.0 is the CPU build that lies on this machine's disk.
 # Any other spec (plain `torch`, a range) lets pip pull a CUDA build of several GB.
 TORCH  := torch==2.13.0
+# Test-only consumers of the AutoAWQ / GPTQ exports (tests/export_consumer.py). GPTQModel and
+# AutoAWQ declare torch>=2.14 / triton, so they cannot sit in the dev extra without pip replacing
+# torch: they are installed --no-deps, pinned, with GPTQModel's pure-Python imports.
+EXPORT_CONSUMERS := autoawq==0.2.9 gptqmodel==7.7.0 optimum==2.3.0 pypcre==0.6.4 logbar==0.4.15 \
+	threadpoolctl==3.8.0 device-smi==0.5.7 tokenicer==0.0.14 defuser==0.0.28 pillow==13.0.0
 
 .PHONY: setup quickstart test lint clean distclean
 
@@ -23,10 +28,11 @@ setup: $(VENV)/.installed
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstall only when pyproject.toml changes (or the venv is new).
-$(VENV)/.installed: pyproject.toml | $(PY)
+# Reinstall only when pyproject.toml or this Makefile changes (or the venv is new).
+$(VENV)/.installed: pyproject.toml Makefile | $(PY)
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps $(EXPORT_CONSUMERS)
 	touch $@
 
 quickstart: setup
