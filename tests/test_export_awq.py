@@ -113,6 +113,8 @@ REFUSED = [
     ({"method": "GPTQ", "weight": W4_G32, "special": {"actorder": True}}, "save_autoawq", "g_idx"),
     ({"method": ["AWQ", "GPTQ"], "weight": W4_G32, "special": {"GPTQ": {"actorder": True}}}, "save_autoawq",
      "static_groups"),
+    ({"weight": {"quant_type": "float-quant", "bit": "e4m3", "granularity": "per_channel", "group_size": -1}},
+     "save_gptq", "int-quant"),
 ]
 
 

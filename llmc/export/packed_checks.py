@@ -23,6 +23,11 @@ def require_weight_only(cfg: LlmcConfig, key: str, granularities: tuple[str, ...
             f"(quant.act); remove quant.act, or use save_vllm (compressed-tensors) for W8A8"
         )
     w = quant.weight
+    if w.quant_type != "int-quant":
+        raise ConfigError(
+            f"save.{key} stores integer weights, not quant.weight.quant_type {w.quant_type}; "
+            f"use quant_type: int-quant, or save_vllm (compressed-tensors) for FP8"
+        )
     if w.granularity not in granularities:
         raise ConfigError(
             f"save.{key} supports quant.weight.granularity {' or '.join(granularities)}, not {w.granularity}; "
