@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 
@@ -29,6 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_tqdm() -> None:
+    """No progress bars at all, also from libraries that use tqdm directly (transformers' GGUF loader)."""
+    import tqdm.std
+
+    tqdm.std.tqdm.__init__ = functools.partialmethod(tqdm.std.tqdm.__init__, disable=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.version:
@@ -42,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="llmc: %(message)s")
     if quiet:
+        _silence_tqdm()
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
