@@ -96,7 +96,7 @@ class SmoothQuant(QuantMethod):
             stats[name] = cur if name not in stats else torch.maximum(stats[name], cur)
 
         with ctx.hook_inputs(names, observe, only_real_tokens=True):
-            ctx.forward()
+            ctx.forward_until(names[-1])  # groups are in execution order; the block's outputs are not needed
         return stats
 
     @torch.no_grad()
