@@ -150,9 +150,9 @@ def quantize_batches(
 ) -> BlockwisePipeline:
     """Plan memory, capture the first block's inputs for `batches` (token ids), then run the block loop."""
     inputs = None
-    n_samples = sum(b["input_ids"].shape[0] for b in batches) if batches is not None else 0
-    seq_len = batches[0]["input_ids"].shape[1] if batches is not None else 0
-    batch_size = batches[0]["input_ids"].shape[0] if batches is not None else 0
+    ids = [b["input_ids"] for b in batches or []]
+    n_samples = sum(t.shape[0] for t in ids)
+    batch_size, seq_len = ids[0].shape if ids else (0, 0)
     plan = plan_memory(
         model, adapter.get_blocks(model), n_samples, seq_len, batch_size, device,
         method_bytes=max(m.extra_device_bytes(model, adapter, n_samples * seq_len) for m in methods),

@@ -40,9 +40,9 @@ class QuantMethod:
     def __init__(self, quant: QuantSection, special: dict | None = None, final: bool = True) -> None:
         self.quant = quant
         self.final = final
+        """Whether this method leaves the block quantized; earlier methods of a composition only transform."""
         self.stage_seconds: dict[str, float] = {}
         """Wall time of the method's own stages, when it measures them (GPTQ: hessian, solve)."""
-        """Whether this method leaves the block quantized; earlier methods of a composition only transform."""
         try:
             self.special = self.Special.model_validate(quant.special if special is None else special)
         except ValidationError as exc:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -37,7 +36,7 @@ from llmc.errors import NumericsError
 from llmc.methods.base import QuantMethod, register_method
 from llmc.methods.gptq_block import quantize_block
 from llmc.models.adapter import ModelAdapter
-from llmc.pipeline.blockwise import BlockContext
+from llmc.pipeline.blockwise import BlockContext, timed
 from llmc.quant.fake_linear import FakeQuantLinear
 from llmc.quant.quantizer import IntQuantizer
 
@@ -232,14 +231,14 @@ class GPTQ(QuantMethod):
         results: list[tuple[str, GptqResult]] = []
         if self.special.true_sequential:
             for group in groups:
-                with self.timed(ctx, "hessian"):
+                with timed(self.stage_seconds, "hessian", ctx.device):
                     hessian = self.hessians(ctx, [group])[0]
-                with self.timed(ctx, "solve"):
+                with timed(self.stage_seconds, "solve", ctx.device):
                     results += self.quantize_group(ctx, group, hessian)
         else:
-            with self.timed(ctx, "hessian"):
+            with timed(self.stage_seconds, "hessian", ctx.device):
                 hessians = self.hessians(ctx, groups)
-            with self.timed(ctx, "solve"):
+            with timed(self.stage_seconds, "solve", ctx.device):
                 for group, hessian in zip(groups, hessians):
                     results += self.quantize_group(ctx, group, hessian)
         # Wrapping only now keeps the Hessian forwards free of (not yet calibrated) static
@@ -247,15 +246,6 @@ class GPTQ(QuantMethod):
         if self.final:
             for name, result in results:
                 self.wrap(ctx, name, result)
-
-    @contextlib.contextmanager
-    def timed(self, ctx: BlockContext, stage: str) -> Iterator[None]:
-        """Add the wall time of the body to `self.stage_seconds[stage]` (benchmarks read it)."""
-        sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda *_: None)
-        start = time.perf_counter()
-        yield
-        sync(ctx.device)
-        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + time.perf_counter() - start
 
     @torch.no_grad()
     def hessians(self, ctx: BlockContext, groups: list[list[tuple[str, nn.Module]]]) -> list[Tensor]:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from llmc.errors import NumericsError
 from llmc.models.adapter import LinearGroup, ModelAdapter
 from llmc.pipeline.capture import BlockInputs, tree_to
+from llmc.pipeline.planner import MemoryPlan
 from llmc.quant.fake_linear import FakeQuantLinear
 
 
@@ -158,6 +159,23 @@ def run_block(
     return outs
 
 
+def add_elapsed(seconds: dict[str, float], stage: str, since: float, device: torch.device) -> float:
+    """Add the time since `since` (after the device's queued work) to `seconds[stage]`; returns now."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    now = time.perf_counter()
+    seconds[stage] = seconds.get(stage, 0.0) + now - since
+    return now
+
+
+@contextlib.contextmanager
+def timed(seconds: dict[str, float], stage: str, device: torch.device) -> Iterator[None]:
+    """Add the wall time of the body to `seconds[stage]`."""
+    start = time.perf_counter()
+    yield
+    add_elapsed(seconds, stage, start, device)
+
+
 def real_tokens(t: Tensor, mask: Tensor | None) -> Tensor:
     """Rows `[tokens, features]` of `t` (`[batch, seq, features]`) for the real (non-padding) tokens."""
     if mask is not None and t.dim() == 3 and t.shape[:2] == mask.shape:
@@ -193,15 +211,11 @@ class BlockwisePipeline:
         self.block_seconds: list[float] = []
         self.stage_seconds: dict[str, float] = {}
         """Wall time per stage summed over blocks (to_device, forward, process, offload)."""
-        self.plan: object | None = None
+        self.plan: MemoryPlan | None = None
         """The memory plan the run was checked against (llmc.pipeline.planner.MemoryPlan)."""
 
     def _lap(self, stage: str, since: float) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + now - since
-        return now
+        return add_elapsed(self.stage_seconds, stage, since, self.device)
 
     def run(
         self,
