@@ -27,8 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, smollm2_hf_dir  # noqa: E402
 
 from llmc import compress  # noqa: E402
+from llmc.config import load_config  # noqa: E402
 from llmc.data import build_calibration, load_eval_text, load_named_documents, tokenize_windows  # noqa: E402
 from llmc.eval.perplexity import PROTOCOL  # noqa: E402
+from llmc.methods import get_methods  # noqa: E402
+from llmc.runner import resolve_quant_out  # noqa: E402
 
 G128 = {"bit": 4, "symmetric": False, "granularity": "per_group", "group_size": 128, "partial_group": True}
 WEIGHT_ONLY = {
@@ -46,7 +49,9 @@ WEIGHT_ACT = {
     "W6A6": ({"bit": 6, "symmetric": True, "granularity": "per_channel", "group_size": -1},
              {"bit": 6, "symmetric": True, "granularity": "per_token"}),
 }
-PEER_RUNS = {(setting, m) for setting in WEIGHT_ONLY for m in ("GPTQ", "AWQ")} | {("W8A8", "SmoothQuant")}
+# RTN on both sides checks that the two harnesses quantize and evaluate alike.
+PEER_RUNS = ({(setting, m) for setting in WEIGHT_ONLY for m in ("RTN", "GPTQ", "AWQ")}
+             | {("W8A8", "RTN"), ("W8A8", "SmoothQuant")})
 
 
 def plan() -> list[tuple[str, str, dict | None]]:
@@ -57,12 +62,24 @@ def plan() -> list[tuple[str, str, dict | None]]:
             if method == "GPTQ":
                 quant["special"] = GPTQ_SPECIAL
             elif isinstance(method, list):
+                # Measured with float activations between blocks, before quant_out defaulted to true with GPTQ.
                 quant["special"] = {"GPTQ": GPTQ_SPECIAL}
+                quant["quant_out"] = False
             runs.append((setting, "+".join(method) if isinstance(method, list) else method, quant))
     for setting, (weight, act) in WEIGHT_ACT.items():
         for method in ("RTN", "SmoothQuant"):
             runs.append((setting, method, {"method": method, "weight": weight, "act": act}))
     return runs
+
+
+ORDER = {(setting, method): i for i, (setting, method, _) in enumerate(plan())}
+
+
+def resolved_quant_out(quant: dict | None) -> bool:
+    if not quant:
+        return False
+    cfg = load_config({"model": {"path": "unused"}, "quant": quant})
+    return resolve_quant_out(cfg, get_methods(cfg.quant))
 
 
 def llmc_run(model_dir: Path, args: argparse.Namespace, quant: dict | None) -> dict:
@@ -161,6 +178,9 @@ def main() -> None:
     parser.add_argument("--peer-python", default="", help="python of an environment with llmcompressor")
     parser.add_argument("--out", default="benchmarks/results/accuracy_smollm2")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--redo", action="store_true", help="with --resume: run the --only rows again")
+    parser.add_argument("--peer-only", action="store_true",
+                        help="with --resume: run only llm-compressor again for the --only rows")
     args = parser.parse_args()
     args.device_name = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
         "cpu" if args.device == "auto" else args.device)
@@ -186,22 +206,37 @@ def main() -> None:
         header["environment"] = previous["environment"]  # the first run's; each row names its device
         header["peer_versions"] = previous.get("peer_versions")
         header["command"] = previous["command"] + "; then " + header["command"]
-    done = {(r["setting"], r["method"]) for r in rows}
     only = {s.strip() for s in args.only.split(",") if s.strip()}
+
+    def selected(setting: str, method: str) -> bool:
+        return not only or bool({setting, method, f"{setting}/{method}"} & only)
+
+    done = {(r["setting"], r["method"]): r for r in rows}
     for setting, method, quant in plan():
-        if (setting, method) in done or (only and setting not in only and method not in only):
+        if not selected(setting, method):
+            continue
+        previous = done.get((setting, method))
+        if previous is not None and not (args.redo or args.peer_only):
+            continue
+        if args.peer_only and (previous is None or (setting, method) not in PEER_RUNS or not args.peer_python):
             continue
         start = time.perf_counter()
-        row = {"setting": setting, "method": method, "device": environment()["device"],
-               **llmc_run(model_dir, args, quant)}
-        if args.peer_python and (setting, method) in PEER_RUNS:
-            row["peer"] = peer_run(model_dir, args, files, setting, method)
+        if args.peer_only:
+            row = previous
+        else:
+            row = {"setting": setting, "method": method, "device": environment()["device"],
+                   "quant_out": resolved_quant_out(quant), **llmc_run(model_dir, args, quant)}
+        if previous is not None and "peer" in previous and not args.peer_python:
+            row["peer"] = previous["peer"]  # --redo without the peer keeps its earlier result
+        elif args.peer_python and (setting, method) in PEER_RUNS:
+            row["peer"] = {**peer_run(model_dir, args, files, setting, method), "device": environment()["device"]}
             header["peer_versions"] = row["peer"].get("versions", header.get("peer_versions"))
-        row["wall_s"] = time.perf_counter() - start
-        rows.append(row)
+        if not args.peer_only:
+            row["wall_s"] = time.perf_counter() - start
+        rows = [r for r in rows if (r["setting"], r["method"]) != (setting, method)] + [row]
+        rows.sort(key=lambda r: ORDER.get((r["setting"], r["method"]), len(ORDER)))
         write(out, header, rows)
         print(json.dumps(row), flush=True)
-
 
 if __name__ == "__main__":
     main()

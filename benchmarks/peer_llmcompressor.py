@@ -34,6 +34,44 @@ def scheme(args: argparse.Namespace):
     return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)}
 
 
+def apply_quantization(model: torch.nn.Module) -> int:
+    """Make the in-memory model compute what the exported checkpoint would.
+
+    After `oneshot`, llm-compressor 0.14 leaves QuantizationModifier's layers with their scheme,
+    scales and zero points but running unquantized (perplexity equals the float model's; GPTQ
+    alone writes its result into the weights). Fake-quantize each weight with its stored
+    parameters (idempotent for GPTQ's on-grid weights) and each quantized input with the
+    library's own `forward_quantize`. Returns the number of quantized layers.
+    """
+    from compressed_tensors.offload import update_offload_parameter
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize, forward_quantize
+
+    count = 0
+    for module in model.modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is None or not isinstance(module, torch.nn.Linear):
+            continue
+        count += 1
+        if scheme.weights is not None:
+            with torch.no_grad():  # the model is dispatched: writes go through its offload cache
+                update_offload_parameter(module, "weight", fake_quantize(
+                    module.weight, module.weight_scale, getattr(module, "weight_zero_point", None), scheme.weights))
+        if scheme.input_activations is not None:
+            module.register_forward_pre_hook(
+                lambda m, inputs, a=scheme.input_activations: (forward_quantize(m, inputs[0], "input", a),))
+        module.quantization_enabled = False  # our hooks and weights now do it, exactly once
+    return count
+
+
+def allow_cpu_only() -> None:
+    """llm-compressor 0.14's AWQ asks torch.accelerator for a device and pins its activation cache
+    even when it runs on CPU, and fails on a machine without an accelerator; answer "cpu" and make
+    pinning a no-op (neither changes what it computes)."""
+    torch.accelerator.current_accelerator = lambda *a, **k: torch.device("cpu")
+    torch.accelerator.current_device_index = lambda *a, **k: 0
+    torch.Tensor.pin_memory = lambda self, *a, **k: self
+
+
 def recipe(args: argparse.Namespace) -> list:
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -80,6 +118,8 @@ def main() -> None:
     from llmc.eval.perplexity import evaluate_perplexity
     from llmc.models import get_adapter
 
+    if torch.accelerator.current_accelerator() is None:
+        allow_cpu_only()
     torch.manual_seed(0)
     calib = torch.load(args.calib)
     windows = torch.load(args.windows)
@@ -94,6 +134,8 @@ def main() -> None:
     )
     quantize_s = time.perf_counter() - start
     model.eval()
+    if not apply_quantization(model):
+        raise SystemExit("llm-compressor left no quantized layer")
     device = torch.device(args.device)
     result = evaluate_perplexity(model, get_adapter("auto", model.config.model_type), windows, device,
                                  progress=False, dataset="wikitext2", position="fake_quant")

@@ -164,7 +164,7 @@ def quantize_batches(
         store = device if plan.cache_on_device else torch.device("cpu")
         inputs = capture_block_inputs(model, adapter, batches, device, store_device=store)
         log.info("captured block inputs: %d batches, %d tokens", len(inputs), inputs.num_tokens())
-    pipeline = BlockwisePipeline(model, adapter, device, quant_out=cfg.quant.quant_out, progress=progress,
+    pipeline = BlockwisePipeline(model, adapter, device, quant_out=resolve_quant_out(cfg, methods), progress=progress,
                                  desc="+".join(m.name for m in methods))
     pipeline.plan = plan
 
@@ -177,6 +177,13 @@ def quantize_batches(
     log.info("quantized %d blocks in %.1f s (%.2f s per block)", len(seconds), sum(seconds),
              sum(seconds) / max(1, len(seconds)))
     return pipeline
+
+
+def resolve_quant_out(cfg: LlmcConfig, methods: list[QuantMethod]) -> bool:
+    """`quant.quant_out` as given, else true when one of the methods asks for it (GPTQ)."""
+    if cfg.quant.quant_out is not None:
+        return cfg.quant.quant_out
+    return any(m.prefers_quant_out for m in methods)
 
 
 def quant_targets(cfg: LlmcConfig, adapter: ModelAdapter, index: int) -> list[str]:

@@ -269,3 +269,15 @@ def test_composition(tiny_llama_dir):
 def test_bad_special_is_config_error(special, tiny_llama_dir):
     with pytest.raises(ConfigError, match="GPTQ: .*quant.special"):
         llmc.compress(tiny_config(tiny_llama_dir, quant={"method": "GPTQ", "special": special}), progress=False)
+
+
+@pytest.mark.parametrize("actorder", [False, True])
+def test_consuming_the_hessian_gives_the_same_result_and_copying_keeps_it(actorder):
+    w, _, h = layer()
+    original = h.clone()
+    copied = gptq_quantize(w, h, quantizer(4, 64), actorder=actorder)
+    assert torch.equal(h, original)  # the default leaves the caller's Hessian alone
+    consumed = gptq_quantize(w, h, quantizer(4, 64), actorder=actorder, consume_hessian=True)
+    assert torch.equal(consumed.weight, copied.weight)
+    # Damped in place, no second [in, in] (act-order permutes into a copy, which it damps).
+    assert torch.equal(h, original) is actorder

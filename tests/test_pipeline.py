@@ -136,3 +136,23 @@ def test_forward_until_sees_the_same_inputs(tiny_model_dir):
     assert len(seen["full"]) == len(seen["until"]) == 2
     for a, b in zip(seen["full"], seen["until"]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("method", "explicit", "expected"), [
+    ("GPTQ", None, True), ("RTN", None, False), (["AWQ", "GPTQ"], None, True), ("GPTQ", False, False),
+    ("AWQ", True, True),
+])
+def test_quant_out_default_follows_the_methods(method, explicit, expected):
+    from llmc.config import load_config
+    from llmc.methods import get_methods
+    from llmc.runner import quantize_batches
+
+    model = build_tiny_model("llama", 384)
+    quant = {"method": method, "weight": {"bit": 4, "granularity": "per_group", "group_size": 32}}
+    if explicit is not None:
+        quant["quant_out"] = explicit
+    cfg = load_config({"model": {"path": "unused"}, "quant": quant})
+    batches = [{"input_ids": torch.randint(0, 384, (2, 16)), "attention_mask": None}]
+    pipeline = quantize_batches(cfg, model, get_adapter("auto", "llama"), get_methods(cfg.quant),
+                                torch.device("cpu"), batches, progress=False)
+    assert pipeline.quant_out is expected

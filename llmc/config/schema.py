@@ -214,7 +214,12 @@ class QuantSection(Section):
     weight: WeightQuantSection = Field(default_factory=WeightQuantSection)
     act: ActQuantSection | None = Field(None, description="Activation quantization; omit for weight-only.")
     special: dict[str, Any] = Field(default_factory=dict, description="Method-specific keys.")
-    quant_out: bool = Field(False, description="Feed the next block from the quantized block's outputs.")
+    quant_out: bool | None = Field(
+        None,
+        description="Feed the next block from the quantized block's outputs; default: true when a method "
+        "asks for it (GPTQ: its Hessians then see the quantized model's activations, as in llmc's GPTQ configs "
+        "and llm-compressor), else false.",
+    )
     ignored_layers: IgnoredLayers = Field(default_factory=IgnoredLayers)
 
     @property

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from llmc.models.adapter import ModelAdapter
 from llmc.pipeline.blockwise import BlockwisePipeline, check_finite
 from llmc.pipeline.capture import capture_block_inputs
+from llmc.pipeline.offload import on_device
 
 PROTOCOL = (
     "non-overlapping windows of seq_len tokens over the tokenized text (tail dropped); "
@@ -89,17 +90,13 @@ def evaluate_perplexity(
 def _direct_nll(
     model: nn.Module, batches: list[Tensor], device: torch.device, progress: bool, desc: str
 ) -> tuple[float, int]:
-    home = next(model.parameters()).device
-    model.to(device)
     total, count = 0.0, 0
-    try:
+    with on_device(model, device):
         for ids in tqdm(batches, desc=desc, unit="batch", disable=not progress):
             logits = model(input_ids=ids.to(device), use_cache=False).logits
             check_finite([logits], "of the model's logits during evaluation")
             nll, n = window_nll(logits, ids)
             total, count = total + nll, count + n
-    finally:
-        model.to(home)
     return total, count
 
 
@@ -128,8 +125,6 @@ def stream_hidden_states(
 def apply_head(model: nn.Module, adapter: ModelAdapter, hidden: Tensor, device: torch.device) -> Tensor:
     """Final norm, projections and LM head, moved to `device` one module at a time."""
     for module in adapter.head_modules(model):
-        home = next(module.parameters()).device
-        module.to(device)
-        hidden = module(hidden)
-        module.to(home)
+        with on_device(module, device):
+            hidden = module(hidden)
     return hidden

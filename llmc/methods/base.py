@@ -36,6 +36,8 @@ class QuantMethod:
     Special: ClassVar[type[BaseModel]] = NoSpecial
     float_quant: ClassVar[bool] = False
     """Whether the method works with float-quant (FP8) quantizers, not only integer grids."""
+    prefers_quant_out: ClassVar[bool] = False
+    """Whether blocks should by default see the quantized earlier blocks' outputs (`quant.quant_out`)."""
 
     def __init__(self, quant: QuantSection, special: dict | None = None, final: bool = True) -> None:
         self.quant = quant

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from llmc.errors import NumericsError
 from llmc.models.adapter import LinearGroup, ModelAdapter
 from llmc.pipeline.capture import BlockInputs, tree_to
+from llmc.pipeline.offload import ModuleHome
 from llmc.pipeline.planner import MemoryPlan
 from llmc.quant.fake_linear import FakeQuantLinear
 
@@ -231,8 +232,8 @@ class BlockwisePipeline:
         for index in bar:
             start = time.perf_counter()
             block = blocks[index]
-            home = next(block.parameters()).device
-            block.to(self.device)
+            trip = ModuleHome(block, self.device)
+            trip.leave()
             ctx = BlockContext(
                 index=index,
                 block=block,
@@ -255,7 +256,7 @@ class BlockwisePipeline:
                 check_finite(outs, f"leaving block {index}")
                 inputs = inputs.with_hidden(outs)
             lap = self._lap("forward", lap)
-            block.to(home)
+            trip.come_back()
             self._lap("offload", lap)
             self.block_seconds.append(time.perf_counter() - start)
         bar.close()

@@ -7,6 +7,7 @@ catcher stores the block's positional and keyword arguments and stops the forwar
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from llmc.models.adapter import ModelAdapter
+from llmc.pipeline.offload import on_device
 
 
 def tree_to(obj: Any, device: torch.device | str) -> Any:
@@ -86,26 +88,24 @@ def capture_block_inputs(
     store_device = store_device or device
     blocks = adapter.get_blocks(model)
     pre = adapter.pre_block_modules(model)
-    homes = [_device_of(m) for m in pre]
     catcher = _Catcher(blocks[0])
     blocks[0] = catcher
     try:
-        for module in pre:
-            module.to(device)
-        for batch in batches:
-            mask = batch.get("attention_mask")
-            try:
-                model(
-                    input_ids=batch["input_ids"].to(device),
-                    attention_mask=None if mask is None else mask.to(device),
-                    use_cache=False,
-                )
-            except _StopForward:
-                pass
+        with contextlib.ExitStack() as stack:
+            for module in pre:
+                stack.enter_context(on_device(module, device))
+            for batch in batches:
+                mask = batch.get("attention_mask")
+                try:
+                    model(
+                        input_ids=batch["input_ids"].to(device),
+                        attention_mask=None if mask is None else mask.to(device),
+                        use_cache=False,
+                    )
+                except _StopForward:
+                    pass
     finally:
         blocks[0] = catcher.block
-        for module, home in zip(pre, homes):
-            module.to(home)
     inputs = BlockInputs(hidden=[])
     for (hidden, args, kwargs), batch in zip(catcher.seen, batches):
         inputs.hidden.append(hidden.to(store_device))
@@ -115,8 +115,3 @@ def capture_block_inputs(
         inputs.token_masks.append(None if mask is None else mask.bool().to(store_device))
     return inputs
 
-
-def _device_of(module: nn.Module) -> torch.device:
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        return tensor.device
-    return torch.device("cpu")

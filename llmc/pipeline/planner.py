@@ -53,12 +53,14 @@ def _bytes(module: nn.Module) -> int:
 
 def block_transient_bytes(block: nn.Module, tokens_per_batch: int, elem: int) -> int:
     """Activations alive inside one block for one batch (the widest linear outputs at once), and
-    the float32 copies a fake-quantized linear makes of its weight in each forward."""
+    the float32 copies a fake-quantized linear makes of its weight in each forward (one, for
+    quantizing it, when no data runs through the block)."""
     linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
     outs = sorted((m.out_features for m in linears), reverse=True)
     widest = sum(outs[:3]) if outs else 0
     largest = max((m.in_features * m.out_features for m in linears), default=0)
-    return tokens_per_batch * widest * elem * 2 + 3 * 4 * largest
+    weight_copies = 3 if tokens_per_batch else 1
+    return tokens_per_batch * widest * elem * 2 + weight_copies * 4 * largest
 
 
 def plan_memory(
