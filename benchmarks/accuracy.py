@@ -72,6 +72,21 @@ def plan() -> list[tuple[str, str, dict | None]]:
     return runs
 
 
+NOTES = [
+    "- `quant_out`: whether each block was calibrated on the quantized earlier blocks' outputs (llmc's default "
+    "with GPTQ since 2026-11-25; llm-compressor's sequential pipeline always does this for GPTQ). The AWQ+GPTQ "
+    "rows were measured with float inputs before that default changed.",
+    "- llm-compressor 0.14 refuses group 128 on this model: 576 hidden features are 4.5 groups of 128 (its error "
+    "is in the table); llmc quantizes the narrower last group (`partial_group: true`). Group 64 divides every "
+    "layer, so both tools run the W4A16 g64 rows.",
+    "- The llm-compressor harness (`benchmarks/peer_llmcompressor.py`) fake-quantizes the weights (and quantizes "
+    "the inputs) of the model llm-compressor leaves in memory with its own stored scales and zero points, "
+    "because that model runs unquantized after `oneshot`; the RTN rows run both tools as a check that the two "
+    "harnesses quantize and evaluate alike.",
+    "- Times are llmc's `quantize_s` (input capture and all blocks; load and evaluation excluded) and the "
+    "peer's `oneshot` time, each on the device in the last column: compare times within a row only when both "
+    "ran on the same device.",
+]
 ORDER = {(setting, method): i for i, (setting, method, _) in enumerate(plan())}
 
 
@@ -155,15 +170,22 @@ def write(out: Path, header: dict, rows: list[dict]) -> None:
         f"- protocol: {PROTOCOL}",
         f"- command: `{header['command']}`",
         "",
-        "| setting | method | llmc PPL | llmc time (s) | llm-compressor PPL | llm-compressor time (s) | device |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+        "| setting | method | quant_out | llmc PPL | llmc time (s) | llm-compressor PPL | llm-compressor time (s) "
+        "| device |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     default_device = header["environment"]["device"]
     for r in rows:
         peer = r.get("peer") or {}
         peer_ppl = f"{peer['ppl']:.3f}" if "ppl" in peer else (peer.get("error", "") or "")[:160]
         peer_t = f"{peer['quantize_s']:.1f}" if "quantize_s" in peer else ""
-        lines.append(f"| {r['setting']} | {r['method']} | {r['ppl']:.3f} | {r['quantize_s']:.1f} | {peer_ppl} | {peer_t} | {r.get('device', default_device)} |")
+        device = r.get("device", default_device)
+        if peer.get("device") and peer["device"] != device:
+            device += f"; llm-compressor: {peer['device']}"
+        quant_out = {True: "true", False: "false"}.get(r.get("quant_out"), "false")
+        lines.append(f"| {r['setting']} | {r['method']} | {quant_out} | {r['ppl']:.3f} | {r['quantize_s']:.1f} | "
+                     f"{peer_ppl} | {peer_t} | {device} |")
+    lines += ["", "Notes:", *NOTES]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -179,13 +201,18 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/accuracy_smollm2")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--redo", action="store_true", help="with --resume: run the --only rows again")
+    parser.add_argument("--render", action="store_true", help="only rewrite <out>.md from <out>.json")
     parser.add_argument("--peer-only", action="store_true",
                         help="with --resume: run only llm-compressor again for the --only rows")
     args = parser.parse_args()
     args.device_name = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
         "cpu" if args.device == "auto" else args.device)
-    model_dir = smollm2_hf_dir()
     out = Path(args.out)
+    if args.render:
+        data = json.loads(out.with_suffix(".json").read_text())
+        write(out, {k: v for k, v in data.items() if k != "rows"}, data["rows"])
+        return
+    model_dir = smollm2_hf_dir()
     files = prepare_files(model_dir, args, out.parent / ".work")
     header = {
         "environment": environment(),
