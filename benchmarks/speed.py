@@ -161,6 +161,7 @@ def render(out: Path, data: dict) -> None:
              f"- command: `{data['command']}`", "",
              "| tool | run | time (s) | s/block | peak GPU (GiB) | planned (GiB) | note |",
              "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    ours = {r["run"]: r for r in data["rows"] if r["tool"] == "llmc" and "seconds" in r}
     for r in data["rows"]:
         if "error" in r:
             lines.append(f"| {r['tool']} | {r['run']} | | | | | {r['error']} |")
@@ -169,6 +170,8 @@ def render(out: Path, data: dict) -> None:
         note = f"{r['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in r else ""
         if data["layers"] != data["full_layers"] and per_block:
             note = f"extrapolated to {data['full_layers']} layers: {per_block * data['full_layers']:.0f} s"
+        if r["tool"] != "llmc" and r["run"] in ours:
+            note = f"llmc {r['seconds'] / ours[r['run']]['seconds']:.1f}x faster in this run"
         lines.append(f"| {r['tool']} | {r['run']} | {r['seconds']:.1f} | "
                      f"{per_block if per_block == '' else f'{per_block:.2f}'} | {r['peak_gib']:.2f} | "
                      f"{r.get('planned_gib', float('nan')):.2f} | {note} |")
