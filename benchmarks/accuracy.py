@@ -83,6 +83,9 @@ NOTES = [
     "the inputs) of the model llm-compressor leaves in memory with its own stored scales and zero points, "
     "because that model runs unquantized after `oneshot`; the RTN rows run both tools as a check that the two "
     "harnesses quantize and evaluate alike.",
+    "- llm-compressor's AWQ W4A16 per-channel also ran on the H100 (2026-11-25): its `oneshot` took 168.0 s "
+    "against llmc's 35.7 s there; that run's perplexity was void (the harness then evaluated its model "
+    "unquantized), so the row shows the CPU rerun.",
     "- Times are llmc's `quantize_s` (input capture and all blocks; load and evaluation excluded) and the "
     "peer's `oneshot` time, each on the device in the last column: compare times within a row only when both "
     "ran on the same device.",
