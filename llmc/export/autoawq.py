@@ -28,14 +28,19 @@ checkpoints (its `awq` quantization source format) rather than a format of its o
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from llmc.config.schema import LlmcConfig
 from llmc.errors import ConfigError, ModelError
 from llmc.export.base import Exporter, QuantizedLinear, quantized_linears, register_exporter
 from llmc.export.int_packing import pack_awq
-from llmc.export.packed_checkpoint import float_linear_names, fp16_scales, write_packed_checkpoint
+from llmc.export.packed_checkpoint import (
+    float_linear_names,
+    fp16_scales,
+    integer_zeros,
+    natural_order,
+    write_packed_checkpoint,
+)
 from llmc.export.packed_checks import arbitrary_groups, require_weight_only
 
 AWQ_BITS = 4
@@ -79,13 +84,11 @@ def pack_awq_layer(layer: QuantizedLinear) -> dict[str, Tensor]:
     rows, cols = layer.codes.shape
     if q.bit != AWQ_BITS or q.symmetric or q.granularity != "per_group" or cols % q.group_size:
         raise ModelError(f"{layer.name}: only 4-bit asymmetric whole groups fit AutoAWQ's GEMM layout")
-    if not torch.equal(layer.g_idx.long(), torch.arange(cols) // q.group_size):
+    if not natural_order(layer):
         raise ModelError(f"{layer.name}: act-order groups (g_idx) do not fit AutoAWQ's GEMM layout; use save_gptq")
     if rows % 8:
         raise ModelError(f"{layer.name}: {rows} output features are not a multiple of 8, needed by AutoAWQ")
-    zero = layer.zero.round().to(torch.int32)
-    if not torch.equal(zero.float(), layer.zero) or zero.min() < 0 or zero.max() > 15:
-        raise ModelError(f"{layer.name}: zero points are not integers in [0, 15]")
+    zero = integer_zeros(layer, AWQ_BITS)
     return {
         "qweight": pack_awq(layer.codes.T.contiguous()),
         "qzeros": pack_awq(zero.T.contiguous()),

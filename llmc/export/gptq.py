@@ -37,7 +37,13 @@ from llmc.config.schema import LlmcConfig
 from llmc.errors import ConfigError, ModelError
 from llmc.export.base import Exporter, QuantizedLinear, quantized_linears, register_exporter
 from llmc.export.int_packing import pack_cols, values_per_block
-from llmc.export.packed_checkpoint import float_linear_names, fp16_scales, write_packed_checkpoint
+from llmc.export.packed_checkpoint import (
+    float_linear_names,
+    fp16_scales,
+    integer_zeros,
+    natural_order,
+    write_packed_checkpoint,
+)
 from llmc.export.packed_checks import require_weight_only
 
 GPTQ_BITS = (2, 3, 4, 8)
@@ -59,10 +65,7 @@ def gptq_codes_and_zeros(layer: QuantizedLinear) -> tuple[Tensor, Tensor]:
     if q.symmetric:
         offset = 2 ** (q.bit - 1)
         return layer.codes + offset, torch.full(layer.zero.shape, offset, dtype=torch.int32)
-    zero = layer.zero.round().to(torch.int32)
-    if not torch.equal(zero.float(), layer.zero) or zero.min() < 0 or zero.max() >= 2**q.bit:
-        raise ModelError(f"{layer.name}: zero points are not integers in [0, {2**q.bit - 1}]")
-    return layer.codes, zero
+    return layer.codes, integer_zeros(layer, q.bit)
 
 
 def pack_gptq_layer(layer: QuantizedLinear) -> dict[str, Tensor]:
@@ -86,12 +89,6 @@ def pack_gptq_layer(layer: QuantizedLinear) -> dict[str, Tensor]:
         "scales": fp16_scales(layer).T.contiguous(),
         "g_idx": layer.g_idx.to(torch.int32),
     }
-
-
-def natural_order(layer: QuantizedLinear) -> bool:
-    q = layer.quantizer
-    step = q.group_size if q.granularity == "per_group" else layer.codes.shape[1]
-    return torch.equal(layer.g_idx.long(), torch.arange(layer.codes.shape[1]) // step)
 
 
 def gptq_quantization_config(cfg: LlmcConfig, desc_act: bool, only: list[str] | None) -> dict:

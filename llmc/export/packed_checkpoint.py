@@ -67,6 +67,21 @@ def fp16_scales(layer: QuantizedLinear) -> Tensor:
     return scale
 
 
+def integer_zeros(layer: QuantizedLinear, bits: int) -> Tensor:
+    """The layer's zero points as int32, refusing non-integers or values outside `[0, 2^bits)`."""
+    zero = layer.zero.round().to(torch.int32)
+    if not torch.equal(zero.float(), layer.zero) or zero.min() < 0 or zero.max() >= 2**bits:
+        raise ModelError(f"{layer.name}: zero points are not integers in [0, {2**bits - 1}]")
+    return zero
+
+
+def natural_order(layer: QuantizedLinear) -> bool:
+    """Whether each input column's group is `j // group_size` (no act-order permutation of groups)."""
+    q = layer.quantizer
+    step = q.group_size if q.granularity == "per_group" else layer.codes.shape[1]
+    return torch.equal(layer.g_idx.long(), torch.arange(layer.codes.shape[1]) // step)
+
+
 def write_packed_checkpoint(
     model: nn.Module,
     tokenizer: object,

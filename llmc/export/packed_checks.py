@@ -41,12 +41,7 @@ def require_weight_only(cfg: LlmcConfig, key: str, granularities: tuple[str, ...
 
 
 def arbitrary_groups(cfg: LlmcConfig) -> bool:
-    """Whether GPTQ act-order will give columns arbitrary groups (g_idx not `j // group_size`)."""
+    """Whether the final method may give columns arbitrary groups (g_idx not `j // group_size`)."""
     from llmc.methods import get_methods
 
-    quant = cfg.quant
-    if quant is None or quant.weight.granularity != "per_group":
-        return False
-    final = get_methods(quant)[-1]
-    special = getattr(final, "special", None)
-    return final.name == "GPTQ" and bool(getattr(special, "actorder", False)) and not special.static_groups
+    return cfg.quant is not None and get_methods(cfg.quant)[-1].arbitrary_group_order

@@ -63,6 +63,11 @@ class QuantMethod:
         self.act_quantizer = build_act_quantizer(quant.act) if quant.act is not None else None
 
     @property
+    def arbitrary_group_order(self) -> bool:
+        """Whether the quantized columns' groups may not be `j // group_size` (GPTQ act-order's g_idx)."""
+        return False
+
+    @property
     def uses_calibration(self) -> bool:
         return self.needs_calibration or (self.quant.act is not None and self.quant.act.static)
 
