@@ -2,7 +2,8 @@
 
     python benchmarks/speed.py --shape llama2-7b --runs rtn,gptq,gptq_actorder,awq,sq,ppl
     python benchmarks/speed.py --shape llama2-70b --layers 2 --runs rtn,gptq,awq     # truncated 70B
-    python benchmarks/speed.py --shape llama2-7b --runs gptq --peer                  # + llm-compressor
+    python benchmarks/speed.py --shape llama2-7b --runs gptq --peer gptq             # + llm-compressor
+    python benchmarks/speed.py --shape llama2-7b --layers 2 --runs gptq --profile gptq  # op-level profile
 
 The model is built once with random weights (bf16) and saved as safetensors under
 --model-root; load time is excluded. Each run reports end-to-end wall time (input capture
@@ -14,6 +15,7 @@ Results are appended to <out>.json and rendered to <out>.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -116,15 +118,31 @@ def llmc_run(folder: Path, name: str, args: argparse.Namespace, base: torch.nn.M
                if any(m.uses_calibration for m in methods) else None)
     device = torch.device(args.device)
     reset_peak(device)
+    profiler = profiling(name in args.profile.split(","), device)
     start = time.perf_counter()
-    pipeline = quantize_batches(cfg, model, adapter, methods, device, batches, progress=False)
-    sync(device)
+    with profiler:
+        pipeline = quantize_batches(cfg, model, adapter, methods, device, batches, progress=False)
+        sync(device)
     seconds = time.perf_counter() - start
+    if isinstance(profiler, torch.profiler.profile):
+        table = profiler.key_averages().table(sort_by="self_cuda_time_total" if device.type == "cuda"
+                                              else "self_cpu_time_total", row_limit=30)
+        Path(f"{args.out}_profile_{name}.txt").write_text(f"{name} (profiled; slower than unprofiled)\n{table}\n")
     plan = pipeline.plan
     return {"tool": "llmc", "run": name, "seconds": seconds, "peak_gib": peak_gib(device),
             "planned_gib": plan.peak_device / 2**30, "per_block_s": pipeline.block_seconds,
             "stage_s": {**pipeline.stage_seconds, **{k: v for m in methods for k, v in m.stage_seconds.items()}},
             "blocks": len(pipeline.block_seconds)}
+
+
+def profiling(on: bool, device: torch.device):
+    """A torch profiler over the run (ops by self device time), or nothing."""
+    if not on:
+        return contextlib.nullcontext()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities)
 
 
 def ppl_run(folder: Path, args: argparse.Namespace, base: torch.nn.Module) -> dict:
@@ -191,6 +209,7 @@ def main() -> None:
     parser.add_argument("--ppl-bs", type=int, default=4)
     parser.add_argument("--peer", default="", help="comma-separated runs to repeat with llm-compressor")
     parser.add_argument("--peer-python", default=sys.executable)
+    parser.add_argument("--profile", default="", help="comma-separated llmc runs to profile (op table to <out>_profile_<run>.txt)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--model-root", default="/tmp/llmc-speed-models")
     parser.add_argument("--out", default="benchmarks/results/speed")

@@ -204,13 +204,18 @@ def test_bad_special_is_config_error(special, key):
         get_methods(_config({"Awq": special}, method=["AWQ", "RTN"]).quant)
 
 
-def test_search_tokens_limits_the_scored_batches(tiny_llama_dir):
-    from llmc.methods.awq import _first_batches
+def test_search_tokens_limits_the_scored_batches():
+    from llmc.methods.awq import search_batches
+    from llmc.pipeline import BlockContext
+    from llmc.pipeline.capture import BlockInputs
 
-    calls = [type("C", (), {"output": torch.zeros(2, 8, 4)})() for _ in range(5)]
-    assert len(_first_batches(calls, [None] * 5, None)[0]) == 5
-    assert len(_first_batches(calls, [None] * 5, 40)[0]) == 2
-    assert len(_first_batches(calls, [None] * 5, 3)[0]) == 1
+    def ctx(masks):
+        inputs = BlockInputs([torch.zeros(2, 8, 4)] * 5, [()] * 5, [{}] * 5, masks)
+        return BlockContext(0, torch.nn.Identity(), None, inputs, CPU, [])
+
+    assert search_batches(ctx([]), None) == 5
+    assert search_batches(ctx([]), 40) == 2
+    assert search_batches(ctx([]), 3) == 1
     masks = [torch.ones(2, 8, dtype=torch.bool)] * 4 + [None]
     masks[0] = torch.zeros(2, 8, dtype=torch.bool)
-    assert len(_first_batches(calls, masks, 16)[0]) == 2
+    assert search_batches(ctx(masks), 16) == 2

@@ -180,7 +180,7 @@ def test_hessian_skips_padding():
     block, (hidden, masks) = ToyBlock(), toy_inputs()
     ctx = toy_context(block, hidden, masks)
     groups = [list(mods.items()) for _, mods in ctx.groups()]
-    h_up, _ = gptq().hessians(ctx, groups)
+    (h_up, _), _ = gptq().hessians(ctx, groups)
     real = torch.cat([hidden[0][masks[0]], hidden[1].reshape(-1, 64)])
     torch.testing.assert_close(h_up, 2 / real.shape[0] * real.T @ real)
 
@@ -253,6 +253,34 @@ def test_pipeline(model, special, tiny_llama_dir, tiny_opt_dir):
         assert torch.equal(fq.fake_weight(), fq.weight)
     dynamic_actorder = special.get("actorder", False) and not special.get("static_groups", False)
     assert any(isinstance(fq, GroupIndexFakeQuantLinear) for _, fq in layers) == dynamic_actorder
+
+
+@pytest.mark.parametrize("model", ["llama", "opt"])
+def test_replaying_finished_children_changes_nothing(model, tiny_llama_dir, tiny_opt_dir, monkeypatch):
+    """True-sequential passes that replay the recorded attention output give the very weights that
+    re-running it gives."""
+    folder = {"llama": tiny_llama_dir, "opt": tiny_opt_dir}[model]
+    weight = {"bit": 3, "granularity": "per_group", "group_size": 32}
+    from llmc.pipeline import BlockContext
+
+    replayed: list[str] = []
+    original = BlockContext.forward_until
+
+    def spy(self, name, **kwargs):
+        replayed.extend(kwargs.get("replay") or {})
+        return original(self, name, **kwargs)
+
+    monkeypatch.setattr(BlockContext, "forward_until", spy)
+    weights = {}
+    for replay in (True, False):
+        monkeypatch.setattr(GPTQ, "replay_children", replay)
+        result = llmc.compress(tiny_config(folder, quant={"method": "GPTQ", "weight": weight}), progress=False)
+        weights[replay] = {n: fq.weight.clone() for n, fq in fake_quant_modules(result.model)}
+        assert bool(replayed) is replay and set(replayed) <= {"self_attn"}
+        replayed.clear()
+    assert weights[True].keys() == weights[False].keys()
+    for name, w in weights[True].items():
+        assert torch.equal(w, weights[False][name]), name
 
 
 def test_composition(tiny_llama_dir):

@@ -138,6 +138,41 @@ def test_forward_until_sees_the_same_inputs(tiny_model_dir):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@torch.no_grad()
+def test_forward_until_stops_before_records_and_replays(tiny_model_dir):
+    """`inclusive=False` stops before the module runs; a recorded child, replayed, gives the same
+    inputs downstream as computing it; `batches` limits the run."""
+    from llmc.pipeline import BlockContext
+
+    model, adapter = _model(tiny_model_dir)
+    ids = torch.randint(3, model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(6))
+    batches = [{"input_ids": ids[:2], "attention_mask": None}, {"input_ids": ids[2:], "attention_mask": None}]
+    inputs = capture_block_inputs(model, adapter, batches, CPU)
+    block = adapter.get_blocks(model)[0]
+    ctx = BlockContext(0, block, adapter, inputs, CPU, adapter.linear_names())
+    mlp_first = adapter.groups[2].linears[0]
+    attention = adapter.groups[0].linears[0].split(".")[0]  # the child holding q/k/v and the output linear
+    ran: list[int] = []
+    handle = block.get_submodule(mlp_first).register_forward_hook(lambda *_: ran.append(1))
+    seen: dict[str, list] = {"computed": [], "replayed": []}
+    with ctx.hook_inputs([mlp_first], lambda _n, x: seen["computed"].append(x.clone())):
+        recorded = ctx.forward_until(mlp_first, inclusive=False, record=[attention, mlp_first])
+    assert not ran and list(recorded) == [attention] and len(recorded[attention]) == 2
+    calls: list[int] = []
+    inner = block.get_submodule(adapter.groups[0].linears[0])
+    inner_handle = inner.register_forward_hook(lambda *_: calls.append(1))
+    with ctx.hook_inputs([mlp_first], lambda _n, x: seen["replayed"].append(x.clone())):
+        ctx.forward_until(mlp_first, inclusive=False, replay=recorded)
+    assert not calls, "a replayed child must not run"
+    for a, b in zip(seen["computed"], seen["replayed"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert "forward" not in vars(block.get_submodule(attention)), "replay must restore the module"
+    ctx.forward_until(None, batches=1)
+    assert ctx.batch == 0
+    handle.remove()
+    inner_handle.remove()
+
+
 @pytest.mark.parametrize(("method", "explicit", "expected"), [
     ("GPTQ", None, True), ("RTN", None, False), (["AWQ", "GPTQ"], None, True), ("GPTQ", False, False),
     ("AWQ", True, True),

@@ -18,24 +18,30 @@ Per block, for each group of linears that share one input (the adapter's `Linear
 2. Weight clipping (`weight_clip`, `clip_version: v1`). Per target linear and per
    quantization group of each output row, the weight range is shrunk by 1 - i/20,
    i < 10, keeping the ratio that minimizes the error of the group's partial dot products
-   on 512 evenly spaced calibration tokens (as AutoAWQ); the weight is then clamped to
+   on 512 evenly spaced tokens of the search batches (as AutoAWQ); the weight is then clamped to
    [min, max] (or [-max, max] with `clip_sym`). Acceptance rule, in place of AutoAWQ's
    skipping of q/k by name: a linear's clip is kept only if it lowers the error of the
    group's inspect module output with the group quantized, the same criterion as step 1.
    So a clip whose error the attention softmax amplifies (the reason for that skip) is
    dropped on the data. Clipping runs after all scales are folded, on re-recorded inputs;
    per_tensor weights are not clipped.
+   Each step records what all its groups need in one forward of the block (the scale step over
+   every batch, for the channel means; the clip step over the search batches only): folding a
+   scale does not change the float block's function, and clips are chosen, as in AutoAWQ, on
+   inputs recorded before any group of the block is clipped.
 3. If this is the last method of the composition, every target linear is wrapped.
 
 Config keys: `quant.weight.*` (the quantizer Q), `quant.special.{trans (true), trans_version
 (v2), n_grid (20), weight_clip (true), clip_version (v1), clip_sym (quant.weight.symmetric),
-search_tokens (all: the searches' error is measured on the leading batches up to this many tokens)}`.
+search_tokens (65536, AutoAWQ's budget: the searches' error is measured on the leading calibration
+batches holding up to this many tokens; null = all)}`.
 The search is weight-only: activation quantization is not simulated in the objective.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -61,12 +67,9 @@ class AWQSpecial(BaseModel):
     clip_version: Literal["v1"] = Field("v1", description="v1: clamp the float weight to the found range.")
     clip_sym: bool | None = Field(None, description="Symmetric clip range; default quant.weight.symmetric.")
     search_tokens: int | None = Field(
-        None, ge=1, description="Score the scale and clip searches on the first calibration batches holding at most "
-        "this many tokens (channel statistics still use all); None = all. AutoAWQ's default budget is 65536."
+        65536, ge=1, description="Score the scale and clip searches on the first calibration batches holding at most "
+        "this many tokens (channel statistics still use all); null = all. 65536 is AutoAWQ's budget."
     )
-
-
-Records = tuple[list[ModuleCall], list[Tensor], list[Tensor | None]]
 
 
 @register_method
@@ -78,29 +81,39 @@ class AWQ(QuantMethod):
     clip_tokens = 512
 
     def extra_device_bytes(self, model: nn.Module, adapter: ModelAdapter, calib_tokens: int) -> int:
-        """The recorded calls of the widest inspected module (its inputs and outputs for every
-        calibration token) plus float32 copies of the group's weights during the search."""
+        """The recorded calls of every group's inspect module (inputs and outputs of each search
+        token, all groups at once) plus float32 copies of the largest group's weights."""
         elem = next(model.parameters()).element_size()
         hidden = model.get_input_embeddings().embedding_dim
+        tokens = min(calib_tokens, self.special.search_tokens or calib_tokens)
         record = weights = 0
         for block in adapter.get_blocks(model)[:1]:
             for group in adapter.groups:
                 linears = [block.get_submodule(n) for n in group.linears]
-                record = max(record, calib_tokens * elem * (linears[0].in_features + hidden))
+                record += tokens * elem * (linears[0].in_features + hidden)
                 weights = max(weights, 3 * 4 * sum(m.weight.numel() for m in linears))
         return record + weights
 
     @torch.no_grad()
     def process_block(self, ctx: BlockContext) -> None:
         sp = self.special
+        searched = search_batches(ctx, sp.search_tokens)
         if sp.trans:
-            for group, mods in ctx.groups():
-                prev = self._producer(ctx, group, mods)
-                if prev is not None:
-                    self._scale_group(ctx, group.inspect, mods, prev)
+            scaled = [(g, mods, prev) for g, mods in ctx.groups() if (prev := self._producer(ctx, g, mods)) is not None]
+            # Folding a scale leaves the float block's function unchanged, so one forward records
+            # what every group's search needs (as AutoAWQ does).
+            records = _record(ctx, [(g.inspect, mods) for g, mods, _ in scaled], searched, clip_tokens=0)
+            for (group, mods, prev), record in zip(scaled, records):
+                self._scale_group(ctx, group.inspect, mods, prev, record)
+            del records
         if sp.weight_clip and self.weight_quantizer.granularity != "per_tensor":
-            for group, mods in ctx.groups():
-                self._clip_group(ctx, group.inspect, mods)
+            clipped = [(g, {n: m for n, m in mods.items() if isinstance(m, nn.Linear)}) for g, mods in ctx.groups()]
+            clipped = [(g, mods) for g, mods in clipped if mods]
+            # Inputs re-recorded once, after every scale is folded.
+            records = _record(ctx, [(g.inspect, mods) for g, mods in clipped], searched, self.clip_tokens)
+            for (group, mods), record in zip(clipped, records):
+                self._clip_group(ctx, group.inspect, mods, record)
+            del records
         for name in ctx.targets:
             self.wrap_linear(ctx, name)
 
@@ -128,13 +141,10 @@ class AWQ(QuantMethod):
         return None
 
     def _scale_group(
-        self, ctx: BlockContext, inspect: str, mods: dict[str, nn.Module], prev: nn.Module
+        self, ctx: BlockContext, inspect: str, mods: dict[str, nn.Module], prev: nn.Module, record: GroupRecord
     ) -> None:
-        calls, xs, masks = _record(ctx, inspect, mods)
+        calls, masks, x_mean = record.calls, record.masks, record.x_mean
         module = ctx.block.get_submodule(inspect)
-        x_mean = _channel_mean_abs(xs, masks, ctx.device)
-        del xs
-        calls, masks = _first_batches(calls, masks, self.special.search_tokens)
         linears = list(mods.values())
         originals = [m.weight.detach().clone() for m in linears]
         w_mean = self._weight_mean(originals, ctx.device) if self.special.trans_version == "v1" else None
@@ -174,15 +184,9 @@ class AWQ(QuantMethod):
 
     # ---- weight clipping ---------------------------------------------------------------
 
-    def _clip_group(self, ctx: BlockContext, inspect: str, mods: dict[str, nn.Module]) -> None:
-        mods = {n: m for n, m in mods.items() if isinstance(m, nn.Linear)}
-        if not mods:
-            return
-        calls, xs, masks = _record(ctx, inspect, mods)
+    def _clip_group(self, ctx: BlockContext, inspect: str, mods: dict[str, nn.Module], record: GroupRecord) -> None:
+        calls, masks, sample = record.calls, record.masks, record.sample
         module = ctx.block.get_submodule(inspect)
-        sample = _token_sample(xs, masks, self.clip_tokens, ctx.device)
-        del xs
-        calls, masks = _first_batches(calls, masks, self.special.search_tokens)
         floats = {n: m.weight.detach().to(ctx.device, torch.float32).clone() for n, m in mods.items()}
         dtype = next(iter(mods.values())).weight.dtype
         fq = self.weight_quantizer.fake_quant
@@ -243,49 +247,96 @@ def _head_dim(ctx: BlockContext) -> int | None:
         return None
 
 
-def _record(ctx: BlockContext, inspect: str, mods: dict[str, nn.Module]) -> Records:
-    """One block forward: the inspect module's calls and the group's input per batch, with token masks."""
-    xs: list[Tensor] = []
-    with ctx.hook_inputs([next(iter(mods))], lambda _n, x: xs.append(x)):
-        calls = ctx.capture_calls(inspect)
-    masks = [ctx.token_mask(i) for i in range(len(calls))] if len(xs) == len(calls) else [None] * len(calls)
-    return calls, xs, masks
+@dataclass
+class GroupRecord:
+    """What one group's searches use, from one recording forward of the block."""
+
+    calls: list[ModuleCall]
+    """The inspect module's calls in the search batches."""
+    masks: list[Tensor | None]
+    """The token masks of those calls (None: all tokens are real, or the shapes do not match)."""
+    x_mean: Tensor | None = None
+    """Mean |input| per channel of the group, over every real calibration token (float32)."""
+    sample: Tensor | None = None
+    """About `clip_tokens` evenly spaced real input rows of the search batches (float32)."""
 
 
-def _channel_mean_abs(xs: list[Tensor], masks: list[Tensor | None], device: torch.device) -> Tensor:
-    total, count = None, 0
-    for x, mask in zip(xs, masks):
-        rows = real_tokens(x, mask).to(device, torch.float32)
-        part = rows.abs().sum(dim=0)
-        total = part if total is None else total + part
-        count += rows.shape[0]
-    return total / max(count, 1)
-
-
-def _token_sample(xs: list[Tensor], masks: list[Tensor | None], n: int, device: torch.device) -> Tensor:
-    """About `n` evenly spaced real tokens of the group's input, float32, batch by batch."""
-    total = sum(real_tokens(x[..., :1], m).shape[0] for x, m in zip(xs, masks))
-    step, seen, parts = max(1, total // n), 0, []
-    for x, mask in zip(xs, masks):
-        rows = real_tokens(x, mask)
-        parts.append(rows[(-seen) % step :: step].to(device, torch.float32))
-        seen += rows.shape[0]
-    return torch.cat(parts)[:n]
-
-
-def _first_batches(
-    calls: list[ModuleCall], masks: list[Tensor | None], limit: int | None
-) -> tuple[list[ModuleCall], list[Tensor | None]]:
-    """The leading batches holding at most `limit` tokens (at least one batch)."""
+def search_batches(ctx: BlockContext, limit: int | None) -> int:
+    """How many leading calibration batches hold at most `limit` real tokens (at least one)."""
+    count = len(ctx.inputs)
     if limit is None:
-        return calls, masks
+        return count
     total = 0
-    for n, (call, mask) in enumerate(zip(calls, masks)):
-        total += int(mask.sum()) if mask is not None else call.output.shape[:-1].numel()
+    for i in range(count):
+        total += ctx.batch_tokens(i)
         if total > limit:
-            n = max(n, 1)
-            return calls[:n], masks[:n]
-    return calls, masks
+            return max(i, 1)
+    return count
+
+
+def _record(
+    ctx: BlockContext, groups: list[tuple[str, dict[str, nn.Module]]], searched: int, clip_tokens: int
+) -> list[GroupRecord]:
+    """One block forward recording, per (inspect module, group linears): the inspect module's calls in
+    the first `searched` batches, and either the group input's mean |x| over all batches
+    (`clip_tokens=0`, the scale search) or a sample of `clip_tokens` input rows of the searched
+    batches (the clip search, whose forward then stops after those batches)."""
+    if not groups:
+        return []
+    firsts = [next(iter(mods)) for _, mods in groups]
+    sums = {n: _MeanAbs() for n in firsts} if not clip_tokens else {}
+    total = sum(ctx.batch_tokens(i) for i in range(searched))
+    samples = {n: _Sampler(total, clip_tokens, ctx.device) for n in firsts} if clip_tokens else {}
+
+    def observe(name: str, rows: Tensor) -> None:
+        if name in sums:
+            sums[name].add(rows)
+        if name in samples and ctx.batch < searched:
+            samples[name].add(rows)
+
+    with ctx.recording_calls([inspect for inspect, _ in groups], searched) as calls:
+        with ctx.hook_inputs(firsts, observe, only_real_tokens=True):
+            ctx.forward_until(None, batches=searched if clip_tokens else None)
+    records = []
+    for (inspect, _), first in zip(groups, firsts):
+        found = calls[inspect]
+        masks = [ctx.token_mask(i) for i in range(searched)] if len(found) == searched else [None] * len(found)
+        records.append(GroupRecord(
+            found, masks, sums[first].mean(ctx.device) if sums else None,
+            samples[first].rows() if samples else None,
+        ))
+    return records
+
+
+class _MeanAbs:
+    """Running mean of |x| per channel over rows `[tokens, channels]`, accumulated in float32."""
+
+    def __init__(self) -> None:
+        self.total: Tensor | None = None
+        self.count = 0
+
+    def add(self, rows: Tensor) -> None:
+        part = rows.abs().sum(dim=0, dtype=torch.float32)
+        self.total = part if self.total is None else self.total + part
+        self.count += rows.shape[0]
+
+    def mean(self, device: torch.device) -> Tensor:
+        return self.total.to(device) / max(self.count, 1)
+
+
+class _Sampler:
+    """About `n` evenly spaced rows out of `total` rows seen batch by batch (float32, on `device`)."""
+
+    def __init__(self, total: int, n: int, device: torch.device) -> None:
+        self.step, self.seen, self.n, self.device = max(1, total // n), 0, n, device
+        self.parts: list[Tensor] = []
+
+    def add(self, rows: Tensor) -> None:
+        self.parts.append(rows[(-self.seen) % self.step :: self.step].to(self.device, torch.float32))
+        self.seen += rows.shape[0]
+
+    def rows(self) -> Tensor:
+        return torch.cat(self.parts)[: self.n]
 
 
 def _output_error(module: nn.Module, calls: list[ModuleCall], masks: list[Tensor | None]) -> float:

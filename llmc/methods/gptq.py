@@ -209,6 +209,16 @@ def gptq_quantize(
     return GptqResult(Q, scale.reshape(-1, 1), zero.reshape(-1, 1), col_group.long())
 
 
+def children_targets(ctx: BlockContext) -> dict[str, set[str]]:
+    """The block's direct children that hold quantization targets, with the targets each holds."""
+    owned: dict[str, set[str]] = {}
+    for name in ctx.targets:
+        child = name.split(".", 1)[0]
+        if child != name:
+            owned.setdefault(child, set()).add(name)
+    return owned
+
+
 class GroupIndexFakeQuantLinear(FakeQuantLinear):
     """A fake-quant linear whose per_group params belong to arbitrary column groups `g_idx`
     (GPTQ act-order with dynamic groups), instead of contiguous runs of `group_size` columns."""
@@ -228,6 +238,8 @@ class GPTQ(QuantMethod):
     Special = GptqSpecial
     # Measured on SmolLM2-135M W4 per-channel: WikiText-2 PPL 30.08 with, 32.30 without.
     prefers_quant_out = True
+    replay_children = True
+    """With true_sequential, replay finished children of the block instead of re-running them."""
 
     @property
     def arbitrary_group_order(self) -> bool:
@@ -235,7 +247,8 @@ class GPTQ(QuantMethod):
         return self.weight_quantizer.granularity == "per_group" and sp.actorder and not sp.static_groups
 
     def extra_device_bytes(self, model: nn.Module, adapter: ModelAdapter, calib_tokens: int) -> int:
-        """float32 Hessians held at once, plus GPTQ's working set for the largest group."""
+        """float32 Hessians held at once, plus GPTQ's working set for the largest group or, during
+        the true-sequential passes, the replayed outputs of a finished child (one hidden state per token)."""
         held = work = 0
         for block in adapter.get_blocks(model):
             sizes = []
@@ -248,20 +261,34 @@ class GPTQ(QuantMethod):
             # when it is permuted (actorder) or shared by separate solves (per_tensor); four [rows, in].
             copies = 3 if self.special.actorder or self.weight_quantizer.granularity == "per_tensor" else 2
             work = max(work, max(4 * (copies * i * i + 4 * i * r) for i, r in sizes))
-        return held + work
+        replayed = 0
+        if self.special.true_sequential and self.replay_children:
+            replayed = calib_tokens * model.get_input_embeddings().embedding_dim * next(model.parameters()).element_size()
+        return held + max(work, replayed)
 
     def process_block(self, ctx: BlockContext) -> None:
         groups = [list(mods.items()) for _, mods in ctx.groups()]
         results: list[tuple[str, GptqResult]] = []
         if self.special.true_sequential:
-            for group in groups:
+            # A child of the block whose linears are all quantized, and which ran to completion in a
+            # pass, gives the same output in every later pass: record it once, replay it after.
+            frozen: dict[str, list] = {}
+            done: set[str] = set()
+            owned = children_targets(ctx) if self.replay_children and ctx.inputs_on_device() else {}
+            for k, group in enumerate(groups):
+                last = k == len(groups) - 1
+                ready = [c for c, names in owned.items() if c not in frozen and names <= done] if not last else []
                 with timed(self.stage_seconds, "hessian", ctx.device):
-                    hessian = self.hessians(ctx, [group])[0]
+                    (hessian,), recorded = self.hessians(ctx, [group], replay=frozen, record=ready)
+                frozen.update(recorded)
+                if last:
+                    frozen.clear()
                 with timed(self.stage_seconds, "solve", ctx.device):
                     results += self.quantize_group(ctx, group, hessian)
+                done.update(name for name, _ in group)
         else:
             with timed(self.stage_seconds, "hessian", ctx.device):
-                hessians = self.hessians(ctx, groups)
+                hessians, _ = self.hessians(ctx, groups)
             with timed(self.stage_seconds, "solve", ctx.device):
                 for group, hessian in zip(groups, hessians):
                     results += self.quantize_group(ctx, group, hessian)
@@ -272,8 +299,15 @@ class GPTQ(QuantMethod):
                 self.wrap(ctx, name, result)
 
     @torch.no_grad()
-    def hessians(self, ctx: BlockContext, groups: list[list[tuple[str, nn.Module]]]) -> list[Tensor]:
-        """One forward over the calibration set; H = 2/n X^T X of each group's input (real tokens only)."""
+    def hessians(
+        self,
+        ctx: BlockContext,
+        groups: list[list[tuple[str, nn.Module]]],
+        replay: dict[str, list] | None = None,
+        record: list[str] | tuple = (),
+    ) -> tuple[list[Tensor], dict[str, list]]:
+        """One forward over the calibration set, stopping before the last group's first linear runs;
+        H = 2/n X^T X of each group's input (real tokens only), and the outputs of `record`."""
         first = [group[0][0] for group in groups]
         sums: dict[str, Tensor | None] = dict.fromkeys(first)
         tokens = dict.fromkeys(first, 0)
@@ -283,8 +317,9 @@ class GPTQ(QuantMethod):
             tokens[name] += rows.shape[0]
 
         with ctx.hook_inputs(first, add, only_real_tokens=True):
-            ctx.forward_until(first[-1])  # groups are in execution order; later layers are not needed
-        return [sums[n].mul_(2 / max(tokens[n], 1)) for n in first]
+            # groups are in execution order; later layers are not needed
+            recorded = ctx.forward_until(first[-1], inclusive=False, replay=replay, record=record)
+        return [sums[n].mul_(2 / max(tokens[n], 1)) for n in first], recorded
 
     def quantize_group(
         self, ctx: BlockContext, group: list[tuple[str, nn.Module]], hessian: Tensor

@@ -96,7 +96,8 @@ class SmoothQuant(QuantMethod):
             stats[name] = cur if name not in stats else torch.maximum(stats[name], cur)
 
         with ctx.hook_inputs(names, observe, only_real_tokens=True):
-            ctx.forward_until(names[-1])  # groups are in execution order; the block's outputs are not needed
+            # groups are in execution order; the block's outputs are not needed
+            ctx.forward_until(names[-1], inclusive=False)
         return stats
 
     @torch.no_grad()

@@ -80,45 +80,100 @@ class BlockContext:
     def _set_batch(self, index: int) -> None:
         self.batch = index
 
+    def inputs_on_device(self) -> bool:
+        """Whether the calibration activations are cached on the compute device (not in host memory)."""
+        return self.inputs is not None and len(self.inputs) > 0 and self.inputs.hidden[0].device.type == self.device.type
+
+    def batch_tokens(self, batch: int) -> int:
+        """Real (non-padding) tokens in calibration batch `batch`."""
+        mask = self.token_mask(batch)
+        return int(mask.sum()) if mask is not None else self.inputs.hidden[batch].shape[:-1].numel()
+
     @torch.no_grad()
-    def forward_until(self, name: str) -> None:
-        """Run each calibration batch only until submodule `name` has run (its hooks fire), skipping
-        the rest of the block: enough to observe the inputs of the linears up to there."""
+    def forward_until(
+        self,
+        name: str | None,
+        *,
+        inclusive: bool = True,
+        batches: int | None = None,
+        replay: dict[str, list] | None = None,
+        record: Sequence[str] = (),
+    ) -> dict[str, list]:
+        """Run each calibration batch only until submodule `name` has run (`inclusive`: its forward
+        hooks fire) or is about to run (its forward pre-hooks fire), skipping the rest of the block:
+        enough to observe the inputs of the linears up to there. `name=None` runs the whole block.
+
+        `batches` limits the run to the leading batches. `replay` maps submodules to their
+        recorded output of every batch: they return it instead of computing (a method passes
+        only modules that have not changed since). `record` names submodules whose output of
+        every batch is returned, for those that ran to completion in every batch.
+        """
         if self.inputs is None:
             raise RuntimeError("this block has no calibration inputs (no method asked for calibration)")
 
         def stop(*_: object) -> None:
             raise _StopBlock
 
-        handle = self.block.get_submodule(name).register_forward_hook(stop)
+        recorded: dict[str, list] = {n: [] for n in record}
+        handles = [
+            self.block.get_submodule(n).register_forward_hook(lambda _m, _a, out, n=n: recorded[n].append(out))
+            for n in record
+        ]
+        if name is not None:
+            target = self.block.get_submodule(name)
+            handles.append(target.register_forward_hook(stop) if inclusive else target.register_forward_pre_hook(stop))
+        replaced = [self.block.get_submodule(n) for n in replay or {}]
+        for module, outs in zip(replaced, (replay or {}).values()):
+            module.forward = lambda *_a, _outs=outs, **_k: _outs[self.batch]
+        count = len(self.inputs) if batches is None else min(batches, len(self.inputs))
         try:
-            for i in range(len(self.inputs)):
+            for i in range(count):
                 self.batch = i
-                one = BlockInputs(self.inputs.hidden[i : i + 1], self.inputs.args[i : i + 1],
-                                  self.inputs.kwargs[i : i + 1])
+                hidden, args, kwargs = self.inputs.hidden[i], self.inputs.args[i], self.inputs.kwargs[i]
+                if hidden.device != self.device:
+                    hidden, args, kwargs = hidden.to(self.device), tree_to(args, self.device), tree_to(kwargs, self.device)
                 try:
-                    run_block(self.block, one, self.device)
+                    self.block(hidden, *args, **kwargs)
                 except _StopBlock:
                     pass
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
+            for module in replaced:
+                del module.forward
+        return {n: outs for n, outs in recorded.items() if len(outs) == count}
 
     @torch.no_grad()
     def capture_calls(self, name: str) -> list[ModuleCall]:
         """Run the block up to submodule `name` and record each of its calls (arguments and output),
         so a method can re-run just that module, e.g. attention with its mask and rotary embeddings."""
-        calls: list[ModuleCall] = []
-
-        def hook(_module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-            out = output[0] if isinstance(output, tuple) else output
-            calls.append(ModuleCall(args, kwargs, out))
-
-        handle = self.block.get_submodule(name).register_forward_hook(hook, with_kwargs=True)
-        try:
+        with self.recording_calls([name]) as calls:
             self.forward_until(name)
+        return calls[name]
+
+    @contextlib.contextmanager
+    def recording_calls(
+        self, names: Sequence[str], batches: int | None = None
+    ) -> Iterator[dict[str, list[ModuleCall]]]:
+        """Record each call (arguments and output) of the named submodules during forwards in this
+        context, in the leading `batches` calibration batches only when given."""
+        calls: dict[str, list[ModuleCall]] = {n: [] for n in names}
+
+        def hook(name: str, args: tuple, kwargs: dict, output: object) -> None:
+            if batches is None or self.batch < batches:
+                calls[name].append(ModuleCall(args, kwargs, output[0] if isinstance(output, tuple) else output))
+
+        handles = [
+            self.block.get_submodule(n).register_forward_hook(
+                lambda _m, args, kwargs, out, n=n: hook(n, args, kwargs, out), with_kwargs=True
+            )
+            for n in dict.fromkeys(names)
+        ]
+        try:
+            yield calls
         finally:
-            handle.remove()
-        return calls
+            for h in handles:
+                h.remove()
 
     @contextlib.contextmanager
     def hook_inputs(
