@@ -172,7 +172,8 @@ def quantize_batches(
         for method in methods:
             method.process_block(ctx)
 
-    pipeline.run(inputs, process, targets=lambda i: quant_targets(cfg, adapter, i))
+    # Only the first method sees the block as it came; the others see it transformed.
+    pipeline.run(inputs, process, targets=lambda i: quant_targets(cfg, adapter, i), observe=methods[0].observe)
     seconds = pipeline.block_seconds
     log.info("quantized %d blocks in %.1f s (%.2f s per block)", len(seconds), sum(seconds),
              sum(seconds) / max(1, len(seconds)))

@@ -219,3 +219,31 @@ def test_search_tokens_limits_the_scored_batches():
     masks = [torch.ones(2, 8, dtype=torch.bool)] * 4 + [None]
     masks[0] = torch.zeros(2, 8, dtype=torch.bool)
     assert search_batches(ctx(masks), 16) == 2
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_recording_in_the_pipeline_forward_changes_nothing(kind, tiny_llama_dir, tiny_opt_dir, monkeypatch):
+    """The scale search's inputs recorded during the pipeline's float forward (no forward of AWQ's
+    own) give the very weights that AWQ's own recording forward gives."""
+    import contextlib
+
+    import llmc.methods.awq as awq
+
+    folder = {"llama": tiny_llama_dir, "opt": tiny_opt_dir}[kind]
+    own: list[int] = []
+    record = awq._record
+    monkeypatch.setattr(awq, "_record", lambda ctx, groups, searched, clip_tokens: own.append(clip_tokens) or record(
+        ctx, groups, searched, clip_tokens))
+    weights = {}
+    for observed in (True, False):
+        if not observed:
+            monkeypatch.setattr(awq.AWQ, "observe", lambda self, ctx: contextlib.nullcontext())
+        cfg = tiny_config(folder, quant={"method": "AWQ", "weight": {"bit": 3, "group_size": 32}})
+        result = compress(cfg, progress=False)
+        weights[observed] = {k: v.clone() for k, v in result.model.state_dict().items()}
+        # With observing, AWQ's own forwards are the clip step's only.
+        blocks = len(result.adapter.get_blocks(result.model))
+        assert own == ([512] * blocks if observed else [0, 512] * blocks)
+        own.clear()
+    for name, w in weights[True].items():
+        assert torch.equal(w, weights[False][name]), name

@@ -309,3 +309,19 @@ def test_consuming_the_hessian_gives_the_same_result_and_copying_keeps_it(actord
     assert torch.equal(consumed.weight, copied.weight)
     # Damped in place, no second [in, in] (act-order permutes into a copy, which it damps).
     assert torch.equal(h, original) is actorder
+
+
+def test_inverse_hessian_factor_matches_the_reference_formula():
+    """One Cholesky of the reversed H and a triangular solve give the reference code's factor
+    (Cholesky, cholesky_inverse, upper Cholesky), damping H in place the same way."""
+    from llmc.methods.gptq import inverse_hessian_cholesky
+
+    _, x, _ = layer(out=8, features=96)
+    h = 2 / x.shape[0] * x.T @ x
+    reference = h.clone()
+    reference.diagonal().add_(0.01 * reference.diagonal().mean())
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(reference)), upper=True)
+    upper = inverse_hessian_cholesky(h, 0.01)
+    torch.testing.assert_close(h, reference, rtol=1e-6, atol=0)
+    assert torch.equal(upper, torch.triu(upper)) and (upper.diagonal() > 0).all()
+    torch.testing.assert_close(upper, expected, rtol=1e-4, atol=1e-5)

@@ -191,3 +191,34 @@ def test_quant_out_default_follows_the_methods(method, explicit, expected):
     pipeline = quantize_batches(cfg, model, get_adapter("auto", "llama"), get_methods(cfg.quant),
                                 torch.device("cpu"), batches, progress=False)
     assert pipeline.quant_out is expected
+
+
+@torch.no_grad()
+def test_fake_weights_are_quantized_once_per_forward(tiny_llama_dir):
+    """A block forward over several batches quantizes each weight once, and gives what quantizing
+    it in every batch gives; the reused copies are gone afterwards."""
+    from llmc.pipeline import BlockContext
+    from llmc.quant import FakeQuantLinear
+    from llmc.quant.quantizer import IntQuantizer
+
+    model, adapter = _model(tiny_llama_dir)
+    ids = torch.randint(3, model.config.vocab_size, (6, 16), generator=torch.Generator().manual_seed(7))
+    inputs = capture_block_inputs(model, adapter, [{"input_ids": ids[i : i + 2], "attention_mask": None}
+                                                   for i in range(0, 6, 2)], CPU)
+    block = adapter.get_blocks(model)[0]
+    wrapped = [FakeQuantLinear.wrap(block, n, IntQuantizer(bit=3, symmetric=False, granularity="per_group",
+                                                      group_size=16))
+               for n in adapter.linear_names()]
+    ctx = BlockContext(0, block, adapter, inputs, CPU, adapter.linear_names())
+    calls = []
+    for m in wrapped:
+        m.fake_weight = (lambda f: lambda: calls.append(1) or f())(m.fake_weight)
+    reused = ctx.forward()
+    assert len(calls) == len(wrapped)
+    calls.clear()
+    every_batch = [block(h, *a, **k) for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs)]
+    every_batch = [out[0] if isinstance(out, tuple) else out for out in every_batch]
+    assert len(calls) > len(wrapped)
+    for a, b in zip(reused, every_batch, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all(m._reused is None and not m.reuse_weight for m in wrapped)

@@ -40,7 +40,9 @@ The search is weight-only: activation quantization is not simulated in the objec
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -94,16 +96,33 @@ class AWQ(QuantMethod):
                 weights = max(weights, 3 * 4 * sum(m.weight.numel() for m in linears))
         return record + weights
 
+    def _scaled_groups(self, ctx: BlockContext) -> list[tuple[LinearGroup, dict[str, nn.Module], nn.Module]]:
+        return [(g, mods, prev) for g, mods in ctx.groups() if (prev := self._producer(ctx, g, mods)) is not None]
+
+    @contextlib.contextmanager
+    def observe(self, ctx: BlockContext) -> Iterator[None]:
+        """Record the scale search's inputs during the pipeline's float forward of the block."""
+        if not self.special.trans or ctx.inputs is None:
+            yield
+            return
+        groups = [(g.inspect, mods) for g, mods, _ in self._scaled_groups(ctx)]
+        with _recording(ctx, groups, search_batches(ctx, self.special.search_tokens), 0) as records:
+            yield
+        self._observed = (ctx.block, records)
+
     @torch.no_grad()
     def process_block(self, ctx: BlockContext) -> None:
         sp = self.special
         searched = search_batches(ctx, sp.search_tokens)
+        observed, self._observed = getattr(self, "_observed", None), None
         if sp.trans:
-            scaled = [(g, mods, prev) for g, mods in ctx.groups() if (prev := self._producer(ctx, g, mods)) is not None]
-            # Folding a scale leaves the float block's function unchanged, so one forward records
-            # what every group's search needs (as AutoAWQ does).
-            records = _record(ctx, [(g.inspect, mods) for g, mods, _ in scaled], searched, clip_tokens=0)
-            for (group, mods, prev), record in zip(scaled, records):
+            scaled = self._scaled_groups(ctx)
+            # Folding a scale leaves the float block's function unchanged, so one forward (the
+            # pipeline's, when it runs the float block) records what every group's search needs.
+            records = (observed[1] if observed and observed[0] is ctx.block
+                       else _record(ctx, [(g.inspect, mods) for g, mods, _ in scaled], searched, clip_tokens=0))
+            del observed
+            for (group, mods, prev), record in zip(scaled, records, strict=True):
                 self._scale_group(ctx, group.inspect, mods, prev, record)
             del records
         if sp.weight_clip and self.weight_quantizer.granularity != "per_tensor":
@@ -147,6 +166,7 @@ class AWQ(QuantMethod):
         module = ctx.block.get_submodule(inspect)
         linears = list(mods.values())
         originals = [m.weight.detach().clone() for m in linears]
+        floats = [w.to(ctx.device, torch.float32) for w in originals]
         w_mean = self._weight_mean(originals, ctx.device) if self.special.trans_version == "v1" else None
         producer_out = producer_channels(prev)
         head_dim = _head_dim(ctx)
@@ -164,12 +184,12 @@ class AWQ(QuantMethod):
         best_err, best_s = math.inf, None
         for i in range(self.special.n_grid):
             s = candidate(i / self.special.n_grid)
-            for m, w in zip(linears, originals):
-                wf = w.to(ctx.device, torch.float32) * s
-                m.weight.copy_((self.weight_quantizer.fake_quant(wf) / s).to(w.dtype))
+            for m, wf in zip(linears, floats):
+                m.weight.copy_(self.weight_quantizer.fake_quant(wf * s).div_(s))
             err = _output_error(module, calls, masks)
             if err < best_err:
                 best_err, best_s = err, s
+        del floats
         for m, w in zip(linears, originals):
             m.weight.copy_(w)
         if best_s is not None:
@@ -274,15 +294,15 @@ def search_batches(ctx: BlockContext, limit: int | None) -> int:
     return count
 
 
-def _record(
+@contextlib.contextmanager
+def _recording(
     ctx: BlockContext, groups: list[tuple[str, dict[str, nn.Module]]], searched: int, clip_tokens: int
-) -> list[GroupRecord]:
-    """One block forward recording, per (inspect module, group linears): the inspect module's calls in
-    the first `searched` batches, and either the group input's mean |x| over all batches
-    (`clip_tokens=0`, the scale search) or a sample of `clip_tokens` input rows of the searched
-    batches (the clip search, whose forward then stops after those batches)."""
-    if not groups:
-        return []
+) -> Iterator[list[GroupRecord]]:
+    """Record, during the block forwards run in this context, per (inspect module, group linears):
+    the inspect module's calls in the first `searched` batches, and either the group input's mean
+    |x| over all batches (`clip_tokens=0`, the scale search) or a sample of `clip_tokens` input
+    rows of the searched batches (the clip search). The list is filled on exit."""
+    records: list[GroupRecord] = []
     firsts = [next(iter(mods)) for _, mods in groups]
     sums = {n: _MeanAbs() for n in firsts} if not clip_tokens else {}
     total = sum(ctx.batch_tokens(i) for i in range(searched))
@@ -296,8 +316,7 @@ def _record(
 
     with ctx.recording_calls([inspect for inspect, _ in groups], searched) as calls:
         with ctx.hook_inputs(firsts, observe, only_real_tokens=True):
-            ctx.forward_until(None, batches=searched if clip_tokens else None)
-    records = []
+            yield records
     for (inspect, _), first in zip(groups, firsts):
         found = calls[inspect]
         masks = [ctx.token_mask(i) for i in range(searched)] if len(found) == searched else [None] * len(found)
@@ -305,6 +324,15 @@ def _record(
             found, masks, sums[first].mean(ctx.device) if sums else None,
             samples[first].rows() if samples else None,
         ))
+
+
+def _record(
+    ctx: BlockContext, groups: list[tuple[str, dict[str, nn.Module]]], searched: int, clip_tokens: int
+) -> list[GroupRecord]:
+    """`_recording` over one forward of the block (stopping after the searched batches for the clip search)."""
+    with _recording(ctx, groups, searched, clip_tokens) as records:
+        if groups:
+            ctx.forward_until(None, batches=searched if clip_tokens else None)
     return records
 
 
@@ -343,7 +371,7 @@ def _output_error(module: nn.Module, calls: list[ModuleCall], masks: list[Tensor
     """Summed squared error (float32) of re-running `module` against its recorded outputs."""
     total = None
     for call, mask in zip(calls, masks):
-        diff = real_tokens(call.rerun(module).float() - call.output.float(), mask)
-        err = diff.pow(2).sum()
+        diff = real_tokens(call.rerun(module).float().sub_(call.output), mask)
+        err = diff.pow_(2).sum()
         total = err if total is None else total + err
     return float(total) if total is not None else 0.0

@@ -7,6 +7,7 @@ pydantic model `Special`, so unknown keys there are errors too.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from typing import ClassVar
 
@@ -70,6 +71,12 @@ class QuantMethod:
     @property
     def uses_calibration(self) -> bool:
         return self.needs_calibration or (self.quant.act is not None and self.quant.act.static)
+
+    def observe(self, ctx: BlockContext) -> contextlib.AbstractContextManager:
+        """A context the pipeline runs its calibration forward of the still-float block in (when
+        `quant_out` is false, before `process_block`; asked of the first method only), so a
+        method can observe that forward instead of running one of its own."""
+        return contextlib.nullcontext()
 
     def process_block(self, ctx: BlockContext) -> None:
         raise NotImplementedError

@@ -22,7 +22,7 @@ from llmc.models.adapter import LinearGroup, ModelAdapter
 from llmc.pipeline.capture import BlockInputs, tree_to
 from llmc.pipeline.offload import ModuleHome
 from llmc.pipeline.planner import MemoryPlan
-from llmc.quant.fake_linear import FakeQuantLinear
+from llmc.quant.fake_linear import FakeQuantLinear, fake_weights_reused
 
 
 class _StopBlock(Exception):
@@ -75,7 +75,8 @@ class BlockContext:
         """Run the block over all calibration batches; returns the output hidden states."""
         if self.inputs is None:
             raise RuntimeError("this block has no calibration inputs (no method asked for calibration)")
-        return run_block(self.block, self.inputs, self.device, self._set_batch)
+        with fake_weights_reused(self.block):
+            return run_block(self.block, self.inputs, self.device, self._set_batch)
 
     def _set_batch(self, index: int) -> None:
         self.batch = index
@@ -278,8 +279,13 @@ class BlockwisePipeline:
         inputs: BlockInputs | None,
         process: Callable[[BlockContext], None] | None = None,
         targets: Callable[[int], list[str]] | None = None,
+        observe: Callable[[BlockContext], contextlib.AbstractContextManager] | None = None,
     ) -> BlockInputs | None:
-        """Process every block in order; returns the last block's outputs (None without inputs)."""
+        """Process every block in order; returns the last block's outputs (None without inputs).
+
+        `observe(ctx)` is a context the forward of the float block runs in, when there is one
+        (without `quant_out`): a method may record what it needs there instead of running its own.
+        """
         blocks = self.adapter.get_blocks(self.model)
         if inputs is not None:
             check_finite(inputs.hidden, "entering block 0")
@@ -298,7 +304,10 @@ class BlockwisePipeline:
                 targets=targets(index) if targets else [],
             )
             lap = self._lap("to_device", start)
-            outs = ctx.forward() if inputs is not None and not self.quant_out else None
+            outs = None
+            if inputs is not None and not self.quant_out:
+                with observe(ctx) if observe is not None else contextlib.nullcontext():
+                    outs = ctx.forward()
             lap = self._lap("forward", lap)
             if process is not None:
                 process(ctx)

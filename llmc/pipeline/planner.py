@@ -52,15 +52,18 @@ def _bytes(module: nn.Module) -> int:
 
 
 def block_transient_bytes(block: nn.Module, tokens_per_batch: int, elem: int) -> int:
-    """Activations alive inside one block for one batch (the widest linear outputs at once), and
-    the float32 copies a fake-quantized linear makes of its weight in each forward (one, for
-    quantizing it, when no data runs through the block)."""
+    """Activations alive inside one block for one batch (the widest linear outputs at once), the
+    float32 copies a fake-quantized linear makes of its weight when it quantizes it (one when no
+    data runs through the block), and, when data does, the quantized weights the block's
+    linears keep for the batches of one forward (`fake_weights_reused`)."""
     linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
     outs = sorted((m.out_features for m in linears), reverse=True)
     widest = sum(outs[:3]) if outs else 0
     largest = max((m.in_features * m.out_features for m in linears), default=0)
-    weight_copies = 3 if tokens_per_batch else 1
-    return tokens_per_batch * widest * elem * 2 + weight_copies * 4 * largest
+    if not tokens_per_batch:
+        return 4 * largest
+    reused = sum(m.in_features * m.out_features for m in linears) * elem
+    return tokens_per_batch * widest * elem * 2 + 3 * 4 * largest + reused
 
 
 def plan_memory(

@@ -50,6 +50,9 @@ class FakeQuantLinear(nn.Module):
         self.register_buffer("a_zero", torch.empty(0), persistent=False)
         self._a_min: Tensor | None = None
         self._a_max: Tensor | None = None
+        self.reuse_weight = False
+        """Quantize the weight once and reuse it while set (see `fake_weights_reused`)."""
+        self._reused: Tensor | None = None
         self.calibrate_weight()
 
     @classmethod
@@ -114,7 +117,11 @@ class FakeQuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return F.linear(x, self.weight, self.bias)
-        return F.linear(self.quantize_input(x), self.fake_weight(), self.bias)
+        if not self.reuse_weight:
+            return F.linear(self.quantize_input(x), self.fake_weight(), self.bias)
+        if self._reused is None:
+            self._reused = self.fake_weight()
+        return F.linear(self.quantize_input(x), self._reused, self.bias)
 
     def extra_repr(self) -> str:
         wq, aq = self.weight_quantizer, self.act_quantizer
@@ -143,3 +150,20 @@ class quant_disabled:
     def __exit__(self, *exc: object) -> None:
         for m, state in zip(self.modules, self.saved):
             m.enabled = state
+
+
+class fake_weights_reused:
+    """Inside this context every FakeQuantLinear of `module` quantizes its weight on its first
+    forward and reuses it (for forwards over many batches that leave the weights alone); the
+    quantized copies are dropped on exit."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.modules = [m for _, m in fake_quant_modules(module)]
+
+    def __enter__(self) -> None:
+        for m in self.modules:
+            m.reuse_weight = True
+
+    def __exit__(self, *exc: object) -> None:
+        for m in self.modules:
+            m.reuse_weight, m._reused = False, None
