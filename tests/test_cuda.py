@@ -41,17 +41,24 @@ def test_cuda_matches_cpu(tiny_model_dir, case):
     cpu, cpu_result = _weights(tiny_model_dir, "cpu", CASES[case])
     gpu, gpu_result = _weights(tiny_model_dir, "cuda", CASES[case])
     assert cpu.keys() == gpu.keys() and cpu
+    agree = total = 0
     for name in cpu:
         a, b = cpu[name], gpu[name]
         if case == "RTN":
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-        else:
-            # Reductions run in another order on the GPU; a weight may land on the neighbouring grid
-            # point. GPTQ feeds every rounding error forward to later columns, so one flipped rounding
-            # (the Triton kernel fuses multiply-adds) moves more weights: on tiny OPT's fc2 94% agreed
-            # (H100, 2026-11-25) while perplexity agreed to 5e-4; the perplexity check below is the bound.
-            same = torch.isclose(a, b, rtol=1e-4, atol=1e-5).float().mean().item()
-            assert same > (0.9 if "GPTQ" in case else 0.99), (name, same)
+            continue
+        # Reductions run in another order on the GPU; a weight may land on the neighbouring grid
+        # point. GPTQ feeds every rounding error forward to later columns, so one flipped rounding
+        # moves many weights of that layer: on tiny Llama's last down_proj (AWQ+GPTQ) 74% agreed on
+        # an H100 (2026-11-25), and scaling its Hessian by 1 + 1e-7 on the CPU gives exactly that
+        # result (74%, perplexity 466.452 vs 465.989): a near-tie of the tiny random model, not the
+        # device. So GPTQ is held to the agreement of the whole model and to the perplexity below.
+        same = torch.isclose(a, b, rtol=1e-4, atol=1e-5)
+        if "GPTQ" not in case:
+            assert same.float().mean().item() > 0.99, (name, same.float().mean().item())
+        agree, total = agree + int(same.sum()), total + same.numel()
+    if "GPTQ" in case:
+        assert agree / total > 0.9, agree / total
     assert cpu_result.ppl("fake_quant") == pytest.approx(gpu_result.ppl("fake_quant"), rel=2e-3)
 
 
