@@ -190,6 +190,8 @@ def render(out: Path, data: dict) -> None:
             note = f"extrapolated to {data['full_layers']} layers: {per_block * data['full_layers']:.0f} s"
         if r["tool"] != "llmc" and r["run"] in ours:
             note = f"llmc {r['seconds'] / ours[r['run']]['seconds']:.1f}x faster in this run"
+        if "commit" in r:  # rows merged from several device calls say which code they ran
+            note = f"{note}; llmc at {r['commit']}" if note else f"llmc at {r['commit']}"
         lines.append(f"| {r['tool']} | {r['run']} | {r['seconds']:.1f} | "
                      f"{per_block if per_block == '' else f'{per_block:.2f}'} | {r['peak_gib']:.2f} | "
                      f"{r.get('planned_gib', float('nan')):.2f} | {note} |")
