@@ -86,6 +86,12 @@ NOTES = [
     "- llm-compressor's AWQ W4A16 per-channel also ran on the H100 (2026-11-25): its `oneshot` took 168.0 s "
     "against llmc's 35.7 s there; that run's perplexity was void (the harness then evaluated its model "
     "unquantized), so the row shows the CPU rerun.",
+    "- Rows whose commit reads \"before 03c5dcb\" ran earlier code. Since then GPTQ's inverse-Hessian factor "
+    "comes from one Cholesky and one triangular solve (the same factor up to float32 rounding; "
+    "tests/test_gptq.py checks it against the reference formula), and AWQ's clip search takes all groups' "
+    "inputs from one forward before any group of the block is clipped (AutoAWQ's order; before, each group's "
+    "inputs were re-recorded after clipping the groups before it). Their perplexities may move slightly when "
+    "rerun.",
     "- Times are llmc's `quantize_s` (input capture and all blocks; load and evaluation excluded) and the "
     "peer's `oneshot` time, each on the device in the last column: compare times within a row only when both "
     "ran on the same device.",
@@ -174,8 +180,8 @@ def write(out: Path, header: dict, rows: list[dict]) -> None:
         f"- command: `{header['command']}`",
         "",
         "| setting | method | quant_out | llmc PPL | llmc time (s) | llm-compressor PPL | llm-compressor time (s) "
-        "| device |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
+        "| device | llmc commit |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     default_device = header["environment"]["device"]
     for r in rows:
@@ -187,7 +193,7 @@ def write(out: Path, header: dict, rows: list[dict]) -> None:
             device += f"; llm-compressor: {peer['device']}"
         quant_out = {True: "true", False: "false"}.get(r.get("quant_out"), "false")
         lines.append(f"| {r['setting']} | {r['method']} | {quant_out} | {r['ppl']:.3f} | {r['quantize_s']:.1f} | "
-                     f"{peer_ppl} | {peer_t} | {device} |")
+                     f"{peer_ppl} | {peer_t} | {device} | {r.get('commit') or 'before 03c5dcb'} |")
     lines += ["", "Notes:", *NOTES]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
@@ -254,7 +260,8 @@ def main() -> None:
         if args.peer_only:
             row = previous
         else:
-            row = {"setting": setting, "method": method, "device": environment()["device"],
+            env = environment()
+            row = {"setting": setting, "method": method, "device": env["device"], "commit": env["commit"],
                    "quant_out": resolved_quant_out(quant), **llmc_run(model_dir, args, quant)}
         if previous is not None and "peer" in previous and not args.peer_python:
             row["peer"] = previous["peer"]  # --redo without the peer keeps its earlier result

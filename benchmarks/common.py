@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
 from pathlib import Path
 
 import torch
@@ -43,4 +45,19 @@ def environment() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
+        "commit": code_commit(),
     }
+
+
+def code_commit() -> str | None:
+    """The llmc commit measured: $LLMC_COMMIT (set it where the tree is a copy without .git, as on the
+    GPU machine), else `git describe` of this checkout, "-dirty" with uncommitted tracked changes."""
+    if os.environ.get("LLMC_COMMIT"):
+        return os.environ["LLMC_COMMIT"]
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=root,
+                             capture_output=True, text=True, check=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None

@@ -173,7 +173,8 @@ def peer_run(folder: Path, name: str, args: argparse.Namespace) -> dict:
 def render(out: Path, data: dict) -> None:
     lines = [f"# Speed and memory: {data['shape']} ({data['layers']} layers), random weights, bf16", "",
              f"- device: {data['environment']['device']}; torch {data['environment']['torch']}, "
-             f"transformers {data['environment']['transformers']}",
+             f"transformers {data['environment']['transformers']}"
+             + (f"; llmc at {data['environment']['commit']}" if data["environment"].get("commit") else ""),
              f"- calibration: {data['n_samples']} x {data['seq_len']} tokens, batch {data['bs']}; "
              "time = input capture + all blocks (model load and evaluation excluded)",
              f"- command: `{data['command']}`", "",
