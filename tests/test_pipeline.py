@@ -166,7 +166,13 @@ def test_forward_until_stops_before_records_and_replays(tiny_model_dir):
     assert not calls, "a replayed child must not run"
     for a, b in zip(seen["computed"], seen["replayed"], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert "forward" not in vars(block.get_submodule(attention)), "replay must restore the module"
+    child = block.get_submodule(attention)
+    assert "forward" not in vars(child), "replay must restore the module"
+    wrapper = child.forward  # an instance-level forward, as accelerate's hooks install, is put back
+    child.forward = wrapper
+    ctx.forward_until(mlp_first, inclusive=False, replay=recorded)
+    assert vars(child)["forward"] is wrapper
+    del child.forward
     ctx.forward_until(None, batches=1)
     assert ctx.batch == 0
     handle.remove()

@@ -124,6 +124,8 @@ class BlockContext:
             target = self.block.get_submodule(name)
             handles.append(target.register_forward_hook(stop) if inclusive else target.register_forward_pre_hook(stop))
         replaced = [self.block.get_submodule(n) for n in replay or {}]
+        # An instance-level forward (e.g. an accelerate hook's wrapper) is put back afterwards.
+        own_forwards = [vars(module).get("forward") for module in replaced]
         for module, outs in zip(replaced, (replay or {}).values()):
             module.forward = lambda *_a, _outs=outs, **_k: _outs[self.batch]
         count = len(self.inputs) if batches is None else min(batches, len(self.inputs))
@@ -140,8 +142,11 @@ class BlockContext:
         finally:
             for h in handles:
                 h.remove()
-            for module in replaced:
-                del module.forward
+            for module, own in zip(replaced, own_forwards):
+                if own is None:
+                    del module.forward
+                else:
+                    module.forward = own
         return {n: outs for n, outs in recorded.items() if len(outs) == count}
 
     @torch.no_grad()
