@@ -116,17 +116,22 @@ def test_rtn_pipeline_wraps_targets_and_respects_ignored(tiny_llama_dir):
     assert not torch.allclose(quantized, restored)
 
 
+def _first_block_context(model_dir, seed: int, samples: int = 4, seq: int = 24):
+    """The first block of a tiny model with calibration inputs of two-sample batches, and its context."""
+    from llmc.pipeline import BlockContext
+
+    model, adapter = _model(model_dir)
+    ids = torch.randint(3, model.config.vocab_size, (samples, seq), generator=torch.Generator().manual_seed(seed))
+    batches = [{"input_ids": ids[i : i + 2], "attention_mask": None} for i in range(0, samples, 2)]
+    inputs = capture_block_inputs(model, adapter, batches, CPU)
+    block = adapter.get_blocks(model)[0]
+    return adapter, block, inputs, BlockContext(0, block, adapter, inputs, CPU, adapter.linear_names())
+
+
 @torch.no_grad()
 def test_forward_until_sees_the_same_inputs(tiny_model_dir):
     """Stopping each batch after a submodule observes exactly what a full block forward observes there."""
-    from llmc.pipeline import BlockContext
-
-    model, adapter = _model(tiny_model_dir)
-    ids = torch.randint(3, model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(5))
-    batches = [{"input_ids": ids[:2], "attention_mask": None}, {"input_ids": ids[2:], "attention_mask": None}]
-    inputs = capture_block_inputs(model, adapter, batches, CPU)
-    block = adapter.get_blocks(model)[0]
-    ctx = BlockContext(0, block, adapter, inputs, CPU, adapter.linear_names())
+    adapter, _, _, ctx = _first_block_context(tiny_model_dir, seed=5)
     name = adapter.groups[2].linears[0]  # first linear of the MLP: after attention
     seen: dict[str, list] = {"full": [], "until": []}
     with ctx.hook_inputs([name], lambda _n, x: seen["full"].append(x.clone())):
@@ -142,14 +147,7 @@ def test_forward_until_sees_the_same_inputs(tiny_model_dir):
 def test_forward_until_stops_before_records_and_replays(tiny_model_dir):
     """`inclusive=False` stops before the module runs; a recorded child, replayed, gives the same
     inputs downstream as computing it; `batches` limits the run."""
-    from llmc.pipeline import BlockContext
-
-    model, adapter = _model(tiny_model_dir)
-    ids = torch.randint(3, model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(6))
-    batches = [{"input_ids": ids[:2], "attention_mask": None}, {"input_ids": ids[2:], "attention_mask": None}]
-    inputs = capture_block_inputs(model, adapter, batches, CPU)
-    block = adapter.get_blocks(model)[0]
-    ctx = BlockContext(0, block, adapter, inputs, CPU, adapter.linear_names())
+    adapter, block, _, ctx = _first_block_context(tiny_model_dir, seed=6)
     mlp_first = adapter.groups[2].linears[0]
     attention = adapter.groups[0].linears[0].split(".")[0]  # the child holding q/k/v and the output linear
     ran: list[int] = []
@@ -203,19 +201,13 @@ def test_quant_out_default_follows_the_methods(method, explicit, expected):
 def test_fake_weights_are_quantized_once_per_forward(tiny_llama_dir):
     """A block forward over several batches quantizes each weight once, and gives what quantizing
     it in every batch gives; the reused copies are gone afterwards."""
-    from llmc.pipeline import BlockContext
     from llmc.quant import FakeQuantLinear
     from llmc.quant.quantizer import IntQuantizer
 
-    model, adapter = _model(tiny_llama_dir)
-    ids = torch.randint(3, model.config.vocab_size, (6, 16), generator=torch.Generator().manual_seed(7))
-    inputs = capture_block_inputs(model, adapter, [{"input_ids": ids[i : i + 2], "attention_mask": None}
-                                                   for i in range(0, 6, 2)], CPU)
-    block = adapter.get_blocks(model)[0]
+    adapter, block, inputs, ctx = _first_block_context(tiny_llama_dir, seed=7, samples=6, seq=16)
     wrapped = [FakeQuantLinear.wrap(block, n, IntQuantizer(bit=3, symmetric=False, granularity="per_group",
                                                       group_size=16))
                for n in adapter.linear_names()]
-    ctx = BlockContext(0, block, adapter, inputs, CPU, adapter.linear_names())
     calls = []
     for m in wrapped:
         m.fake_weight = (lambda f: lambda: calls.append(1) or f())(m.fake_weight)

@@ -81,6 +81,8 @@ class AWQ(QuantMethod):
     clip_grid = 20
     clip_max_shrink = 0.5
     clip_tokens = 512
+    _observed: tuple[nn.Module, list[GroupRecord]] | None = None
+    """The scale search's records of the block the last `observe` watched."""
 
     def extra_device_bytes(self, model: nn.Module, adapter: ModelAdapter, calib_tokens: int) -> int:
         """The recorded calls of every group's inspect module (inputs and outputs of each search
@@ -114,7 +116,7 @@ class AWQ(QuantMethod):
     def process_block(self, ctx: BlockContext) -> None:
         sp = self.special
         searched = search_batches(ctx, sp.search_tokens)
-        observed, self._observed = getattr(self, "_observed", None), None
+        observed, self._observed = self._observed, None
         if sp.trans:
             scaled = self._scaled_groups(ctx)
             # Folding a scale leaves the float block's function unchanged, so one forward (the
@@ -288,7 +290,7 @@ def search_batches(ctx: BlockContext, limit: int | None) -> int:
         return count
     total = 0
     for i in range(count):
-        total += ctx.batch_tokens(i)
+        total += ctx.inputs.batch_tokens(i)
         if total > limit:
             return max(i, 1)
     return count
@@ -305,7 +307,7 @@ def _recording(
     records: list[GroupRecord] = []
     firsts = [next(iter(mods)) for _, mods in groups]
     sums = {n: _MeanAbs() for n in firsts} if not clip_tokens else {}
-    total = sum(ctx.batch_tokens(i) for i in range(searched))
+    total = sum(ctx.inputs.batch_tokens(i) for i in range(searched))
     samples = {n: _Sampler(total, clip_tokens, ctx.device) for n in firsts} if clip_tokens else {}
 
     def observe(name: str, rows: Tensor) -> None:

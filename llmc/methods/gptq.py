@@ -26,6 +26,7 @@ earlier blocks' outputs, so GPTQ also corrects the error they pass on.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -315,7 +316,7 @@ class GPTQ(QuantMethod):
         ctx: BlockContext,
         groups: list[list[tuple[str, nn.Module]]],
         replay: dict[str, list] | None = None,
-        record: list[str] | tuple = (),
+        record: Sequence[str] = (),
     ) -> tuple[list[Tensor], dict[str, list]]:
         """One forward over the calibration set, stopping before the last group's first linear runs;
         H = 2/n X^T X of each group's input (real tokens only), and the outputs of `record`."""

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from llmc.errors import NumericsError
 from llmc.models.adapter import LinearGroup, ModelAdapter
-from llmc.pipeline.capture import BlockInputs, tree_to
+from llmc.pipeline.capture import BlockInputs
 from llmc.pipeline.offload import ModuleHome
 from llmc.pipeline.planner import MemoryPlan
 from llmc.quant.fake_linear import FakeQuantLinear, fake_weights_reused
@@ -85,11 +85,6 @@ class BlockContext:
         """Whether the calibration activations are cached on the compute device (not in host memory)."""
         return self.inputs is not None and len(self.inputs) > 0 and self.inputs.hidden[0].device.type == self.device.type
 
-    def batch_tokens(self, batch: int) -> int:
-        """Real (non-padding) tokens in calibration batch `batch`."""
-        mask = self.token_mask(batch)
-        return int(mask.sum()) if mask is not None else self.inputs.hidden[batch].shape[:-1].numel()
-
     @torch.no_grad()
     def forward_until(
         self,
@@ -132,9 +127,7 @@ class BlockContext:
         try:
             for i in range(count):
                 self.batch = i
-                hidden, args, kwargs = self.inputs.hidden[i], self.inputs.args[i], self.inputs.kwargs[i]
-                if hidden.device != self.device:
-                    hidden, args, kwargs = hidden.to(self.device), tree_to(args, self.device), tree_to(kwargs, self.device)
+                hidden, args, kwargs = self.inputs.batch(i, self.device)
                 try:
                     self.block(hidden, *args, **kwargs)
                 except _StopBlock:
@@ -209,15 +202,13 @@ def run_block(
     block: nn.Module, inputs: BlockInputs, device: torch.device, on_batch: Callable[[int], None] | None = None
 ) -> list[Tensor]:
     outs = []
-    for index, (hidden, args, kwargs) in enumerate(zip(inputs.hidden, inputs.args, inputs.kwargs)):
+    for index in range(len(inputs)):
         if on_batch is not None:
             on_batch(index)
-        store = hidden.device
-        if store != device:
-            hidden, args, kwargs = hidden.to(device), tree_to(args, device), tree_to(kwargs, device)
+        hidden, args, kwargs = inputs.batch(index, device)
         out = block(hidden, *args, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
-        outs.append(out.to(store))
+        outs.append(out.to(inputs.hidden[index].device))
     return outs
 
 

@@ -47,11 +47,20 @@ class BlockInputs:
     def with_hidden(self, hidden: list[Tensor]) -> BlockInputs:
         return BlockInputs(hidden, self.args, self.kwargs, self.token_masks)
 
+    def batch(self, index: int, device: torch.device) -> tuple[Tensor, tuple, dict]:
+        """Batch `index`'s hidden states, args and kwargs, moved to `device` when stored elsewhere."""
+        hidden, args, kwargs = self.hidden[index], self.args[index], self.kwargs[index]
+        if hidden.device != device:
+            hidden, args, kwargs = hidden.to(device), tree_to(args, device), tree_to(kwargs, device)
+        return hidden, args, kwargs
+
+    def batch_tokens(self, index: int) -> int:
+        """Real (non-padding) tokens of batch `index`."""
+        mask = self.token_masks[index] if index < len(self.token_masks) else None
+        return int(mask.sum()) if mask is not None else self.hidden[index].shape[:-1].numel()
+
     def num_tokens(self) -> int:
-        return sum(
-            int(m.sum()) if m is not None else h.shape[0] * h.shape[1]
-            for h, m in zip(self.hidden, self.token_masks)
-        )
+        return sum(self.batch_tokens(i) for i in range(len(self)))
 
 
 class _StopForward(Exception):
