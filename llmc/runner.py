@@ -173,7 +173,8 @@ def quantize_batches(
             method.process_block(ctx)
 
     # Only the first method sees the block as it came; the others see it transformed.
-    pipeline.run(inputs, process, targets=lambda i: quant_targets(cfg, adapter, i), observe=methods[0].observe)
+    blocks = adapter.get_blocks(model)
+    pipeline.run(inputs, process, targets=lambda i: quant_targets(cfg, adapter, blocks[i], i), observe=methods[0].observe)
     seconds = pipeline.block_seconds
     log.info("quantized %d blocks in %.1f s (%.2f s per block)", len(seconds), sum(seconds),
              sum(seconds) / max(1, len(seconds)))
@@ -187,13 +188,16 @@ def resolve_quant_out(cfg: LlmcConfig, methods: list[QuantMethod]) -> bool:
     return any(m.prefers_quant_out for m in methods)
 
 
-def quant_targets(cfg: LlmcConfig, adapter: ModelAdapter, index: int) -> list[str]:
+def quant_targets(cfg: LlmcConfig, adapter: ModelAdapter, block: nn.Module, index: int) -> list[str]:
+    """The block's declared linears (`#` expanded) less the ignored ones and float-on-purpose ones."""
     ignored = cfg.quant.ignored_layers
     if index in ignored.blocks():
         return []
     prefix = f"{adapter.blocks}.{index}."
+    floats = set(adapter.block_float_linears(block))
     return [
-        n for n in adapter.linear_names() if n not in ignored.layer_names and prefix + n not in ignored.speical_names
+        n for n in adapter.block_linear_names(block)
+        if n not in floats and n not in ignored.layer_names and prefix + n not in ignored.speical_names
     ]
 
 
@@ -203,7 +207,7 @@ def check_group_size(cfg: LlmcConfig, loaded: LoadedModel) -> None:
         return
     blocks = loaded.adapter.get_blocks(loaded.model)
     for index in range(len(blocks)):
-        for name in quant_targets(cfg, loaded.adapter, index):
+        for name in quant_targets(cfg, loaded.adapter, blocks[index], index):
             features = blocks[index].get_submodule(name).in_features
             if features % w.group_size:
                 divisors = [d for d in (32, 64, 128, 256) if features % d == 0]
@@ -263,9 +267,9 @@ def write_outputs(result: RunResult, out_path: Path, device: torch.device) -> No
     with atomic_output_dir(out_path, save.overwrite) as tmp:
         write_json(tmp / "results.json", results_dict(result, device))
         if save.save_trans:
-            save_hf_model(result.model, result.tokenizer, tmp / TRANS_DIR, fake=False)
+            save_hf_model(result.model, result.tokenizer, tmp / TRANS_DIR, fake=False, adapter=result.adapter)
         if save.save_fake:
-            save_hf_model(result.model, result.tokenizer, tmp / FAKE_DIR, fake=True)
+            save_hf_model(result.model, result.tokenizer, tmp / FAKE_DIR, fake=True, adapter=result.adapter)
         for exporter in requested_exporters(result.config):
             folder = tmp / exporter.folder
             folder.mkdir()

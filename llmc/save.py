@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from llmc.errors import ConfigError
-from llmc.quant.fake_linear import fake_quant_modules
+from llmc.models.adapter import ModelAdapter
+from llmc.quant.fake_linear import FakeQuantLinear, fake_quant_modules
 
 log = logging.getLogger("llmc")
 
@@ -65,6 +66,13 @@ def atomic_output_dir(final: Path, overwrite: bool) -> Iterator[Path]:
     os.replace(tmp, final)
 
 
+def linear_weight(module: nn.Module, fake: bool) -> torch.Tensor:
+    """A linear's weight as saved: fake-quantized when `fake` and the linear is quantized."""
+    if fake and isinstance(module, FakeQuantLinear):
+        return module.fake_weight().detach()
+    return module.weight.detach()
+
+
 def model_state_dict(model: nn.Module, fake: bool) -> dict[str, torch.Tensor]:
     """The model's state dict with original key names; fake-quantized weights if `fake`."""
     state = model.state_dict()
@@ -75,9 +83,13 @@ def model_state_dict(model: nn.Module, fake: bool) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_hf_model(model: nn.Module, tokenizer: object, folder: Path, fake: bool) -> None:
-    state = model_state_dict(model, fake)
-    model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+def save_hf_model(
+    model: nn.Module, tokenizer: object, folder: Path, fake: bool, adapter: ModelAdapter | None = None
+) -> None:
+    """A transformers folder in the checkpoint's own layout (the adapter's `restore`)."""
+    with adapter.checkpoint_layout(model, lambda m: linear_weight(m, fake)) if adapter else contextlib.nullcontext():
+        state = model_state_dict(model, fake)
+        model.save_pretrained(folder, state_dict=state, safe_serialization=True)
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(folder)
     log.info("wrote %s model to %s", "fake-quantized" if fake else "transformed", folder)

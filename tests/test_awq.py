@@ -45,7 +45,7 @@ def _apply(model, adapter, cfg, batches, final: bool) -> None:
     method = method_class(cfg.quant.methods[0])(cfg.quant, final=final)
     inputs = capture_block_inputs(model, adapter, batches, CPU)
     BlockwisePipeline(model, adapter, CPU, progress=False).run(
-        inputs, method.process_block, targets=lambda i: quant_targets(cfg, adapter, i)
+        inputs, method.process_block, targets=lambda i: quant_targets(cfg, adapter, adapter.get_blocks(model)[i], i)
     )
 
 

@@ -98,7 +98,7 @@ def test_rtn_pipeline_wraps_targets_and_respects_ignored(tiny_llama_dir):
     )
     method = get_method(cfg.quant)
     BlockwisePipeline(model, adapter, CPU, progress=False).run(
-        None, method.process_block, targets=lambda i: quant_targets(cfg, adapter, i)
+        None, method.process_block, targets=lambda i: quant_targets(cfg, adapter, adapter.get_blocks(model)[i], i)
     )
     blocks = adapter.get_blocks(model)
     assert isinstance(blocks[0].self_attn.q_proj, FakeQuantLinear)

@@ -11,6 +11,7 @@ mean negative log-likelihood over all scored tokens), computed in float32.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -123,8 +124,8 @@ def stream_hidden_states(
 
 
 def apply_head(model: nn.Module, adapter: ModelAdapter, hidden: Tensor, device: torch.device) -> Tensor:
-    """Final norm, projections and LM head, moved to `device` one module at a time."""
-    for module in adapter.head_modules(model):
-        with on_device(module, device):
-            hidden = module(hidden)
-    return hidden
+    """The adapter's head (final norm, projections, LM head, soft cap), with its modules on `device`."""
+    with contextlib.ExitStack() as stack:
+        for module in adapter.head_modules(model):
+            stack.enter_context(on_device(module, device))
+        return adapter.apply_head(model, hidden)

@@ -92,7 +92,7 @@ class AWQ(QuantMethod):
         tokens = min(calib_tokens, self.special.search_tokens or calib_tokens)
         record = weights = 0
         for block in adapter.get_blocks(model)[:1]:
-            for group in adapter.groups:
+            for group in adapter.block_groups(block):
                 linears = [block.get_submodule(n) for n in group.linears]
                 record += tokens * elem * (linears[0].in_features + hidden)
                 weights = max(weights, 3 * 4 * sum(m.weight.numel() for m in linears))
@@ -125,7 +125,7 @@ class AWQ(QuantMethod):
                        else _record(ctx, [(g.inspect, mods) for g, mods, _ in scaled], searched, clip_tokens=0))
             del observed
             for (group, mods, prev), record in zip(scaled, records, strict=True):
-                self._scale_group(ctx, group.inspect, mods, prev, record)
+                self._scale_group(ctx, group, mods, prev, record)
             del records
         if sp.weight_clip and self.weight_quantizer.granularity != "per_tensor":
             clipped = [(g, {n: m for n, m in mods.items() if isinstance(m, nn.Linear)}) for g, mods in ctx.groups()]
@@ -162,8 +162,9 @@ class AWQ(QuantMethod):
         return None
 
     def _scale_group(
-        self, ctx: BlockContext, inspect: str, mods: dict[str, nn.Module], prev: nn.Module, record: GroupRecord
+        self, ctx: BlockContext, group: LinearGroup, mods: dict[str, nn.Module], prev: nn.Module, record: GroupRecord
     ) -> None:
+        inspect = group.inspect
         calls, masks, x_mean = record.calls, record.masks, record.x_mean
         module = ctx.block.get_submodule(inspect)
         linears = list(mods.values())
@@ -195,7 +196,7 @@ class AWQ(QuantMethod):
         for m, w in zip(linears, originals):
             m.weight.copy_(w)
         if best_s is not None:
-            fold_scales(prev, linears, best_s, head_dim)
+            fold_scales(prev, linears + ctx.readers(group), best_s, head_dim)
 
     def _weight_mean(self, weights: list[Tensor], device: torch.device) -> Tensor:
         """Mean over output rows of |W| normalized by its quantization group's max |W|."""

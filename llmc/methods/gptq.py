@@ -264,7 +264,7 @@ class GPTQ(QuantMethod):
         held = work = 0
         for block in adapter.get_blocks(model):
             sizes = []
-            for group in adapter.groups:
+            for group in adapter.block_groups(block):
                 linears = [block.get_submodule(n) for n in group.linears]
                 sizes.append((linears[0].in_features, sum(m.out_features for m in linears)))
             hessians = [4 * i * i for i, _ in sizes]

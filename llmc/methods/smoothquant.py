@@ -117,6 +117,6 @@ class SmoothQuant(QuantMethod):
                 if out != scales.numel():  # grouped-query attention: v_proj is narrower than o_proj's input
                     head_dim = ctx.adapter.block_head_dim(ctx.block)
                     scales = tie_gqa_scales(scales, out, head_dim)
-                fold_scales(prev, linears, scales, head_dim)
+                fold_scales(prev, linears + ctx.readers(group), scales, head_dim)
         for name in ctx.targets:
             self.wrap_linear(ctx, name)

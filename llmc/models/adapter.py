@@ -5,15 +5,31 @@ An adapter says where the decoder blocks are, which modules run before the first
 the groups of linears that share one input: each with the op that produces that input
 (a norm or a linear, where scales can be folded) and the module whose forward pass
 observes them. This is llmc's `get_subsets_in_block` and GPTQModel's `module_tree`.
+
+Names may hold `#`, expanded for each index of the module list at that place in each block
+(`mlp.experts.#.gate_proj`): a group whose `prev_op` and `inspect` carry no `#` gathers
+every index's linears (they share the input), one whose `inspect` carries `#` becomes one
+group per index. A group absent from a block (a dense layer of an MoE model) is skipped
+there. Named roles (`ModelRoles`, `BlockRoles`) let model-level methods (rotations, layer
+removal, norm tweaking) reach the embedding, norms and projections without naming modules.
+An optional `prepare` step rewrites what a declaration cannot say (Gemma's `1 + w` norms,
+fused 3-D expert parameters) into plain modules, and `restore` writes the checkpoint's own
+layout back before saving.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from llmc.errors import ModelError
+
+INDEX = "#"
 
 
 @dataclass(frozen=True)
@@ -25,6 +41,43 @@ class LinearGroup:
     prev_op: str | None
     inspect: str
     """Module (relative to the block) whose forward produces these linears' outputs."""
+    also_reads: tuple[str, ...] = ()
+    """Float modules reading the same input (MoE routers): a scale folded into `prev_op` is
+    folded into their weight columns too; they are never quantized."""
+
+    def is_indexed(self) -> bool:
+        return any(INDEX in n for n in (*self.linears, self.inspect, self.prev_op or ""))
+
+
+@dataclass(frozen=True)
+class BlockRoles:
+    """What each part of a decoder block is, by name relative to the block (empty: absent)."""
+
+    attn_norm: str | None = None
+    """The norm in front of the attention (and of the MLP too, under parallel attention)."""
+    attn_in: tuple[str, ...] = ()
+    """Linears reading the attention norm's output: q, k, v (or a fused qkv)."""
+    attn_v: str | None = None
+    """The linear producing values (the fused qkv where there is one)."""
+    attn_out: tuple[str, ...] = ()
+    """The attention's output projection."""
+    mlp_norm: str | None = None
+    """The norm in front of the MLP (None under parallel attention, where attn_norm feeds both)."""
+    mlp_in: tuple[str, ...] = ()
+    mlp_out: tuple[str, ...] = ()
+    router: tuple[str, ...] = ()
+    """MoE routers (and shared-expert gates): linears left in float on purpose."""
+    attn: str | None = None
+    mlp: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelRoles:
+    """Model-level modules, by name relative to the model."""
+
+    embedding: str
+    final_norm: str | None
+    lm_head: str
 
 
 @dataclass(frozen=True)
@@ -42,9 +95,55 @@ class ModelAdapter:
     head_dim: str = "self_attn.head_dim"
     """Attribute path (relative to a block) of the attention head size; folding a scale from
     v_proj into o_proj under grouped-query attention needs it."""
+    roles: ModelRoles | None = None
+    block_roles: BlockRoles | None = None
+    float_linears: tuple[str, ...] = ()
+    """Linears of a block left in float on purpose (routers); never quantization targets."""
+    block_returns_tuple: bool = False
+    """Whether the model's decoder loop reads `outputs[0]` of each block (BLOOM, Falcon)."""
+    logit_softcap: str | None = None
+    """Config attribute holding a final-logit soft cap (`cap * tanh(logits / cap)`), if any."""
+    prepare: Callable[[nn.Module], None] | None = None
+    """Rewrites the loaded model into plain modules the declaration describes (e.g. fused
+    experts into per-expert linears); run once after loading."""
+    restore: Callable[[nn.Module, Callable[[nn.Module], Tensor]], Callable[[], None]] | None = None
+    """`restore(model, weight_of)` undoes `prepare` so the model saves in the checkpoint's own
+    layout, taking each prepared linear's weight from `weight_of(module)` (the fake-quantized
+    one for save_fake); it returns the function that puts the prepared modules back."""
+
+    # ---- names, expanded per block --------------------------------------------------------
 
     def linear_names(self) -> list[str]:
+        """The declared linear names (with `#` unexpanded)."""
         return [name for group in self.groups for name in group.linears]
+
+    def block_groups(self, block: nn.Module) -> list[LinearGroup]:
+        """The groups of this block: `#` expanded, groups the block lacks left out."""
+        out = []
+        for group in self.groups:
+            for g in expand_group(group, block):
+                if all(get_submodule_or_none(block, n) is not None for n in g.linears):
+                    out.append(g)
+        return out
+
+    def block_linear_names(self, block: nn.Module) -> list[str]:
+        return [name for group in self.block_groups(block) for name in group.linears]
+
+    def block_float_linears(self, block: nn.Module) -> list[str]:
+        names = [n for pattern in self.float_linears for n in expand_name(pattern, block)]
+        return [n for n in names if get_submodule_or_none(block, n) is not None]
+
+    @contextlib.contextmanager
+    def checkpoint_layout(self, model: nn.Module, weight_of: Callable[[nn.Module], Tensor]) -> Iterator[None]:
+        """The model in its checkpoint's own layout inside the context (see `restore`)."""
+        undo = self.restore(model, weight_of) if self.restore is not None else None
+        try:
+            yield
+        finally:
+            if undo is not None:
+                undo()
+
+    # ---- modules --------------------------------------------------------------------------
 
     def get_blocks(self, model: nn.Module) -> nn.ModuleList:
         blocks = get_submodule_or_none(model, self.blocks)
@@ -61,6 +160,22 @@ class ModelAdapter:
     def pre_block_modules(self, model: nn.Module) -> list[nn.Module]:
         return [m for name in self.pre_block if (m := get_submodule_or_none(model, name)) is not None]
 
+    def role(self, model: nn.Module, name: str) -> nn.Module | None:
+        """A model-level role's module (`embedding`, `final_norm`, `lm_head`), None where absent."""
+        if self.roles is None:
+            raise ModelError(f"adapter {self.name} declares no model roles; add roles= to its declaration")
+        path = getattr(self.roles, name)
+        return get_submodule_or_none(model, path) if path else None
+
+    def apply_head(self, model: nn.Module, hidden: Tensor) -> Tensor:
+        """Logits from the last block's output: the head modules in order, then any soft cap."""
+        for module in self.head_modules(model):
+            hidden = module(hidden)
+        cap = getattr(model.config, self.logit_softcap, None) if self.logit_softcap else None
+        if cap:
+            hidden = torch.tanh(hidden / cap) * cap
+        return hidden
+
     def block_head_dim(self, block: nn.Module) -> int:
         owner, _, attr = self.head_dim.rpartition(".")
         return int(getattr(block.get_submodule(owner) if owner else block, attr))
@@ -68,14 +183,67 @@ class ModelAdapter:
     def check(self, model: nn.Module) -> None:
         """Fail early, with the missing name, if the declaration does not match the model."""
         blocks = self.get_blocks(model)
-        for name in self.linear_names():
-            module = get_submodule_or_none(blocks[0], name)
-            if not isinstance(module, nn.Linear):
+        seen: set[str] = set()
+        for index, block in enumerate(blocks):
+            present = self.block_groups(block)
+            if not present:
                 raise ModelError(
-                    f"adapter {self.name} declares linear {name!r} in each block, but this model's block has "
-                    f"{type(module).__name__ if module is not None else 'no such module'}; "
+                    f"adapter {self.name} finds none of its linears in block {index} of this model; "
                     f"set model.type to the adapter of this architecture"
                 )
+            for group in present:
+                seen.add(group.name)
+                for name in group.linears:
+                    module = block.get_submodule(name)
+                    if not isinstance(module, nn.Linear):
+                        raise ModelError(
+                            f"adapter {self.name} declares linear {name!r} in each block, but this model's block "
+                            f"has {type(module).__name__}; set model.type to the adapter of this architecture"
+                        )
+        missing = [g.name for g in self.groups if _base_name(g.name) not in {_base_name(s) for s in seen}]
+        if missing:
+            first = missing[0]
+            linear = next(g for g in self.groups if g.name == first).linears[0]
+            raise ModelError(
+                f"adapter {self.name} declares linear {linear!r}, which no block of this model has; "
+                f"set model.type to the adapter of this architecture"
+            )
+
+
+def _base_name(group_name: str) -> str:
+    return re.sub(r"\.\d+$", "", group_name)
+
+
+def index_count(block: nn.Module, pattern: str) -> int:
+    """How many entries the module list at the `#` of `pattern` has in `block` (0 if none)."""
+    owner = pattern.split("." + INDEX)[0] if not pattern.startswith(INDEX) else ""
+    holder = get_submodule_or_none(block, owner) if owner else block
+    return len(holder) if isinstance(holder, (nn.ModuleList, nn.ModuleDict, nn.Sequential)) else 0
+
+
+def expand_name(pattern: str, block: nn.Module) -> list[str]:
+    if INDEX not in pattern:
+        return [pattern]
+    return [pattern.replace(INDEX, str(i)) for i in range(index_count(block, pattern))]
+
+
+def expand_group(group: LinearGroup, block: nn.Module) -> list[LinearGroup]:
+    if not group.is_indexed():
+        return [group]
+    if INDEX in group.inspect:
+        count = index_count(block, group.inspect)
+        return [
+            LinearGroup(
+                name=f"{group.name}.{i}",
+                linears=tuple(n.replace(INDEX, str(i)) for n in group.linears),
+                prev_op=group.prev_op.replace(INDEX, str(i)) if group.prev_op else None,
+                inspect=group.inspect.replace(INDEX, str(i)),
+                also_reads=group.also_reads,
+            )
+            for i in range(count)
+        ]
+    linears = tuple(n for pattern in group.linears for n in expand_name(pattern, block))
+    return [LinearGroup(group.name, linears, group.prev_op, group.inspect, group.also_reads)] if linears else []
 
 
 def get_submodule_or_none(root: nn.Module, name: str) -> nn.Module | None:

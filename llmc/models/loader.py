@@ -87,6 +87,8 @@ def load_model(cfg: ModelSection) -> LoadedModel:
     model.requires_grad_(False)
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False
+    if adapter.prepare is not None:
+        adapter.prepare(model)
     adapter.check(model)
     tok_path = expand(cfg.tokenizer_path or cfg.path)
     tok_kwargs = dict(kwargs)

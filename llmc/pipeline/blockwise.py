@@ -64,11 +64,15 @@ class BlockContext:
     def groups(self) -> list[tuple[LinearGroup, dict[str, nn.Module]]]:
         """The adapter's linear groups with their modules, limited to quantization targets."""
         out = []
-        for group in self.adapter.groups:
+        for group in self.adapter.block_groups(self.block):
             mods = {n: self.block.get_submodule(n) for n in group.linears if n in self.targets}
             if mods:
                 out.append((group, mods))
         return out
+
+    def readers(self, group: LinearGroup) -> list[nn.Module]:
+        """The float modules (routers) reading the group's input: a folded scale reaches them too."""
+        return [self.block.get_submodule(n) for n in group.also_reads]
 
     @torch.no_grad()
     def forward(self) -> list[Tensor]:
@@ -289,6 +293,8 @@ class BlockwisePipeline:
         for index in bar:
             start = time.perf_counter()
             block = blocks[index]
+            if inputs is not None:
+                inputs = inputs.for_block(index)
             trip = ModuleHome(block, self.device)
             trip.leave()
             ctx = BlockContext(

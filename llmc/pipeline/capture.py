@@ -1,8 +1,11 @@
-"""Capture what the first decoder block receives, for every batch of input ids.
+"""Capture what each decoder block receives, for every batch of input ids.
 
-The model's own forward runs up to its first block (embeddings, position ids, causal
-mask, rotary embeddings are built by the model, so every family is covered), where a
-catcher stores the block's positional and keyword arguments and stops the forward.
+The model's own forward runs with every block replaced by a catcher (embeddings, position
+ids, causal masks and rotary embeddings are built by the model, so every family is
+covered). The first catcher stores the hidden states; every catcher stores the other
+arguments its block gets, since they may differ per layer (Gemma2/3 give sliding-window
+layers their own mask and rotary embeddings); the last one stops the forward. Arguments
+shared by several blocks are stored once.
 """
 
 from __future__ import annotations
@@ -40,12 +43,23 @@ class BlockInputs:
     kwargs: list[dict] = field(default_factory=list)
     token_masks: list[Tensor | None] = field(default_factory=list)
     """Per batch, `[b, seq]` bool of real (non-padding) tokens; None when all are real."""
+    block_args: list[list[tuple]] | None = None
+    block_kwargs: list[list[dict]] | None = None
+    """Per block, then per batch, what that block receives beside the hidden states (None:
+    every block gets `args` / `kwargs`)."""
 
     def __len__(self) -> int:
         return len(self.hidden)
 
     def with_hidden(self, hidden: list[Tensor]) -> BlockInputs:
-        return BlockInputs(hidden, self.args, self.kwargs, self.token_masks)
+        return BlockInputs(hidden, self.args, self.kwargs, self.token_masks, self.block_args, self.block_kwargs)
+
+    def for_block(self, index: int) -> BlockInputs:
+        """These hidden states with the other arguments block `index` receives."""
+        if self.block_args is None or self.block_kwargs is None:
+            return self
+        return BlockInputs(self.hidden, self.block_args[index], self.block_kwargs[index], self.token_masks,
+                           self.block_args, self.block_kwargs)
 
     def batch(self, index: int, device: torch.device) -> tuple[Tensor, tuple, dict]:
         """Batch `index`'s hidden states, args and kwargs, moved to `device` when stored elsewhere."""
@@ -68,9 +82,13 @@ class _StopForward(Exception):
 
 
 class _Catcher(nn.Module):
-    def __init__(self, block: nn.Module) -> None:
+    """Stands in for a block: records its arguments, passes the hidden states on (or stops)."""
+
+    def __init__(self, block: nn.Module, last: bool, returns_tuple: bool) -> None:
         super().__init__()
         self.block = block
+        self.last = last
+        self.returns_tuple = returns_tuple
         self.seen: list[tuple[Tensor, tuple, dict]] = []
 
     def __getattr__(self, name: str) -> Any:
@@ -80,9 +98,11 @@ class _Catcher(nn.Module):
         except AttributeError:
             return getattr(self._modules["block"], name)
 
-    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
         self.seen.append((hidden_states, args, kwargs))
-        raise _StopForward
+        if self.last:
+            raise _StopForward
+        return (hidden_states,) if self.returns_tuple else hidden_states
 
 
 @torch.no_grad()
@@ -93,12 +113,14 @@ def capture_block_inputs(
     device: torch.device,
     store_device: torch.device | None = None,
 ) -> BlockInputs:
-    """Run `batches` (dicts of input_ids and attention_mask) up to the first block."""
+    """Run `batches` (dicts of input_ids and attention_mask) through the model with every block
+    replaced by a catcher: block 0's hidden states, and every block's other arguments."""
     store_device = store_device or device
     blocks = adapter.get_blocks(model)
     pre = adapter.pre_block_modules(model)
-    catcher = _Catcher(blocks[0])
-    blocks[0] = catcher
+    catchers = [_Catcher(b, i == len(blocks) - 1, adapter.block_returns_tuple) for i, b in enumerate(blocks)]
+    for i, catcher in enumerate(catchers):
+        blocks[i] = catcher
     try:
         with contextlib.ExitStack() as stack:
             for module in pre:
@@ -114,13 +136,31 @@ def capture_block_inputs(
                 except _StopForward:
                     pass
     finally:
-        blocks[0] = catcher.block
-    inputs = BlockInputs(hidden=[])
-    for (hidden, args, kwargs), batch in zip(catcher.seen, batches):
+        for i, catcher in enumerate(catchers):
+            blocks[i] = catcher.block
+    moved: dict[int, Any] = {}
+    inputs = BlockInputs(hidden=[], block_args=[], block_kwargs=[])
+    for catcher in catchers:
+        inputs.block_args.append([_to_shared(args, store_device, moved) for _, args, _ in catcher.seen])
+        inputs.block_kwargs.append([_to_shared(kwargs, store_device, moved) for _, _, kwargs in catcher.seen])
+    for (hidden, _, _), batch in zip(catchers[0].seen, batches):
         inputs.hidden.append(hidden.to(store_device))
-        inputs.args.append(tree_to(args, store_device))
-        inputs.kwargs.append(tree_to(kwargs, store_device))
         mask = batch.get("attention_mask")
         inputs.token_masks.append(None if mask is None else mask.bool().to(store_device))
+    inputs.args, inputs.kwargs = inputs.block_args[0], inputs.block_kwargs[0]
     return inputs
 
+
+def _to_shared(obj: Any, device: torch.device, moved: dict[int, Any]) -> Any:
+    """`tree_to`, moving a tensor that several blocks share once (keyed by identity)."""
+    if isinstance(obj, Tensor):
+        if id(obj) not in moved:
+            moved[id(obj)] = (obj, obj.to(device, non_blocking=True))  # keep obj alive: ids stay unique
+        return moved[id(obj)][1]
+    if isinstance(obj, tuple):
+        return tuple(_to_shared(o, device, moved) for o in obj)
+    if isinstance(obj, list):
+        return [_to_shared(o, device, moved) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to_shared(v, device, moved) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,57 @@
+"""Llama-layout families: pre-norm attention (q/k/v/o) and a gated MLP (gate/up/down),
+embeddings at `model.embed_tokens`, rotary embedding at `model.rotary_emb`."""
+
+from llmc.models.adapter import BlockRoles, LinearGroup, ModelAdapter, ModelRoles
+from llmc.models.registry import register_adapter
+
+LLAMA_GROUPS = (
+    LinearGroup(
+        name="qkv",
+        linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        prev_op="input_layernorm",
+        inspect="self_attn",
+    ),
+    LinearGroup(name="o", linears=("self_attn.o_proj",), prev_op="self_attn.v_proj", inspect="self_attn.o_proj"),
+    LinearGroup(
+        name="gate_up",
+        linears=("mlp.gate_proj", "mlp.up_proj"),
+        prev_op="post_attention_layernorm",
+        inspect="mlp",
+    ),
+    LinearGroup(name="down", linears=("mlp.down_proj",), prev_op="mlp.up_proj", inspect="mlp.down_proj"),
+)
+
+LLAMA_ROLES = ModelRoles(embedding="model.embed_tokens", final_norm="model.norm", lm_head="lm_head")
+
+LLAMA_BLOCK_ROLES = BlockRoles(
+    attn_norm="input_layernorm",
+    attn_in=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    attn_v="self_attn.v_proj",
+    attn_out=("self_attn.o_proj",),
+    mlp_norm="post_attention_layernorm",
+    mlp_in=("mlp.gate_proj", "mlp.up_proj"),
+    mlp_out=("mlp.down_proj",),
+    attn="self_attn",
+    mlp="mlp",
+)
+
+
+def llama_like(name: str, model_types: tuple[str, ...], aliases: tuple[str, ...] = (), **overrides) -> ModelAdapter:
+    fields = dict(
+        name=name,
+        model_types=model_types,
+        blocks="model.layers",
+        pre_block=("model.embed_tokens", "model.rotary_emb"),
+        head=("model.norm", "lm_head"),
+        groups=LLAMA_GROUPS,
+        aliases=aliases,
+        roles=LLAMA_ROLES,
+        block_roles=LLAMA_BLOCK_ROLES,
+    )
+    fields.update(overrides)
+    return ModelAdapter(**fields)
+
+
+LLAMA = register_adapter(llama_like("Llama", ("llama",), aliases=("SmolLM", "SmolLM2")))
+MISTRAL = register_adapter(llama_like("Mistral", ("mistral",)))
+QWEN2 = register_adapter(llama_like("Qwen2", ("qwen2",)))
