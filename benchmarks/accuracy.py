@@ -31,7 +31,7 @@ from llmc.config import load_config  # noqa: E402
 from llmc.data import build_calibration, load_eval_text, load_named_documents, tokenize_windows  # noqa: E402
 from llmc.eval.perplexity import PROTOCOL  # noqa: E402
 from llmc.methods import get_methods  # noqa: E402
-from llmc.runner import resolve_quant_out  # noqa: E402
+from llmc.schedule import resolve_block_out  # noqa: E402
 
 G128 = {"bit": 4, "symmetric": False, "granularity": "per_group", "group_size": 128, "partial_group": True}
 WEIGHT_ONLY = {
@@ -104,7 +104,7 @@ def resolved_quant_out(quant: dict | None) -> bool:
     if not quant:
         return False
     cfg = load_config({"model": {"path": "unused"}, "quant": quant})
-    return resolve_quant_out(cfg, get_methods(cfg.quant))
+    return resolve_block_out(cfg, get_methods(cfg.quant))
 
 
 def llmc_run(model_dir: Path, args: argparse.Namespace, quant: dict | None) -> dict:

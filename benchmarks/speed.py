@@ -107,7 +107,7 @@ def llmc_run(folder: Path, name: str, args: argparse.Namespace, base: torch.nn.M
     from llmc.config import load_config
     from llmc.methods import get_methods
     from llmc.models import get_adapter
-    from llmc.runner import quantize_batches
+    from llmc.schedule import compress_batches
 
     model = copy.deepcopy(base)  # a fresh copy per run; loading from disk is not what we time
     adapter = get_adapter("auto", model.config.model_type)
@@ -121,7 +121,7 @@ def llmc_run(folder: Path, name: str, args: argparse.Namespace, base: torch.nn.M
     profiler = profiling(name in args.profile.split(","), device)
     start = time.perf_counter()
     with profiler:
-        pipeline = quantize_batches(cfg, model, adapter, methods, device, batches, progress=False)
+        pipeline = compress_batches(cfg, model, adapter, methods, device, batches, progress=False)
         sync(device)
     seconds = time.perf_counter() - start
     if isinstance(profiler, torch.profiler.profile):

@@ -20,16 +20,17 @@ from torch import nn
 from llmc.config.loader import load_config
 from llmc.config.schema import LlmcConfig
 from llmc.data import build_calibration, load_eval_text, load_named_documents, tokenize_windows
-from llmc.errors import ConfigError, ModelError
+from llmc.errors import ConfigError
 from llmc.eval.perplexity import PROTOCOL, PplResult, evaluate_perplexity
 from llmc.export import requested_exporters
-from llmc.methods import QuantMethod, get_methods
+from llmc.methods.lifecycle import CompressionMethod
+from llmc.methods.sparse_base import SparseMethod
 from llmc.models import LoadedModel, ModelAdapter, load_model
 from llmc.models.loader import check_model_paths
-from llmc.pipeline import BlockContext, BlockwisePipeline, capture_block_inputs
-from llmc.pipeline.planner import check_fits, plan_memory
+from llmc.pipeline import BlockwisePipeline
 from llmc.quant import quant_disabled
 from llmc.save import FAKE_DIR, TRANS_DIR, atomic_output_dir, check_output_path, save_hf_model, write_json
+from llmc.schedule import build_methods, check_methods, compress_batches
 
 log = logging.getLogger("llmc")
 
@@ -43,6 +44,8 @@ class RunResult:
     perplexity: list[PplResult] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     save_path: Path | None = None
+    methods: list[dict] = field(default_factory=list)
+    """Summaries of the sparse methods (sparsity reached, removed blocks) for results.json."""
 
     def ppl(self, position: str, dataset: str | None = None) -> float:
         for r in self.perplexity:
@@ -75,7 +78,7 @@ def compress(
     cfg = config if isinstance(config, LlmcConfig) else load_config(config, overrides)
     seed_everything(cfg.base.seed)
     device = resolve_device(cfg.base.device)
-    methods = get_methods(cfg.quant) if cfg.quant is not None else []
+    methods = build_methods(cfg)
     out_path = check_output_path(cfg.save.save_path, cfg.save.overwrite)
     exporters = requested_exporters(cfg)
     for exporter in exporters:
@@ -99,7 +102,7 @@ def compress(
     loaded = load_model(cfg.model)
     timings["load_s"] = time.perf_counter() - start
     if methods:
-        check_group_size(cfg, loaded)
+        check_methods(cfg, methods, loaded.model, loaded.adapter)
     check_seq_len(cfg, loaded, calib_docs is not None)
     windows = {
         name: tokenize_windows(text, loaded.tokenizer, cfg.eval.seq_len, cfg.eval.max_windows)
@@ -121,8 +124,9 @@ def compress(
     evaluate("pretrain")
     if methods:
         start = time.perf_counter()
-        quantize_model(cfg, loaded, methods, device, calib_docs, progress)
+        compress_model(cfg, loaded, methods, device, calib_docs, progress)
         timings["quantize_s"] = time.perf_counter() - start
+        result.methods = [m.summary() for m in methods if isinstance(m, SparseMethod)]
         with quant_disabled(loaded.model):
             evaluate("transformed")
         evaluate("fake_quant")
@@ -132,8 +136,8 @@ def compress(
     return result
 
 
-def quantize_model(
-    cfg: LlmcConfig, loaded: LoadedModel, methods: list[QuantMethod], device: torch.device,
+def compress_model(
+    cfg: LlmcConfig, loaded: LoadedModel, methods: list[CompressionMethod], device: torch.device,
     calib_docs: list[str] | None, progress: bool,
 ) -> BlockwisePipeline:
     batches = None
@@ -141,82 +145,7 @@ def quantize_model(
         c = cfg.calib
         batches = build_calibration(calib_docs, loaded.tokenizer, c.n_samples, c.seq_len, c.bs, c.preproc,
                                     cfg.calib_seed)
-    return quantize_batches(cfg, loaded.model, loaded.adapter, methods, device, batches, progress)
-
-
-def quantize_batches(
-    cfg: LlmcConfig, model: nn.Module, adapter: ModelAdapter, methods: list[QuantMethod], device: torch.device,
-    batches: list[dict] | None, progress: bool = True,
-) -> BlockwisePipeline:
-    """Plan memory, capture the first block's inputs for `batches` (token ids), then run the block loop."""
-    inputs = None
-    ids = [b["input_ids"] for b in batches or []]
-    n_samples = sum(t.shape[0] for t in ids)
-    batch_size, seq_len = ids[0].shape if ids else (0, 0)
-    plan = plan_memory(
-        model, adapter.get_blocks(model), n_samples, seq_len, batch_size, device,
-        method_bytes=max(m.extra_device_bytes(model, adapter, n_samples * seq_len) for m in methods),
-        cache_policy=cfg.base.act_cache,
-    )
-    log.info(plan.describe())
-    check_fits(plan, device)
-    if batches is not None:
-        store = device if plan.cache_on_device else torch.device("cpu")
-        inputs = capture_block_inputs(model, adapter, batches, device, store_device=store)
-        log.info("captured block inputs: %d batches, %d tokens", len(inputs), inputs.num_tokens())
-    pipeline = BlockwisePipeline(model, adapter, device, quant_out=resolve_quant_out(cfg, methods), progress=progress,
-                                 desc="+".join(m.name for m in methods))
-    pipeline.plan = plan
-
-    def process(ctx: BlockContext) -> None:
-        for method in methods:
-            method.process_block(ctx)
-
-    # Only the first method sees the block as it came; the others see it transformed.
-    blocks = adapter.get_blocks(model)
-    pipeline.run(inputs, process, targets=lambda i: quant_targets(cfg, adapter, blocks[i], i), observe=methods[0].observe)
-    seconds = pipeline.block_seconds
-    log.info("quantized %d blocks in %.1f s (%.2f s per block)", len(seconds), sum(seconds),
-             sum(seconds) / max(1, len(seconds)))
-    return pipeline
-
-
-def resolve_quant_out(cfg: LlmcConfig, methods: list[QuantMethod]) -> bool:
-    """`quant.quant_out` as given, else true when one of the methods asks for it (GPTQ)."""
-    if cfg.quant.quant_out is not None:
-        return cfg.quant.quant_out
-    return any(m.prefers_quant_out for m in methods)
-
-
-def quant_targets(cfg: LlmcConfig, adapter: ModelAdapter, block: nn.Module, index: int) -> list[str]:
-    """The block's declared linears (`#` expanded) less the ignored ones and float-on-purpose ones."""
-    ignored = cfg.quant.ignored_layers
-    if index in ignored.blocks():
-        return []
-    prefix = f"{adapter.blocks}.{index}."
-    floats = set(adapter.block_float_linears(block))
-    return [
-        n for n in adapter.block_linear_names(block)
-        if n not in floats and n not in ignored.layer_names and prefix + n not in ignored.speical_names
-    ]
-
-
-def check_group_size(cfg: LlmcConfig, loaded: LoadedModel) -> None:
-    w = cfg.quant.weight
-    if w.granularity != "per_group" or w.partial_group:
-        return
-    blocks = loaded.adapter.get_blocks(loaded.model)
-    for index in range(len(blocks)):
-        for name in quant_targets(cfg, loaded.adapter, blocks[index], index):
-            features = blocks[index].get_submodule(name).in_features
-            if features % w.group_size:
-                divisors = [d for d in (32, 64, 128, 256) if features % d == 0]
-                raise ModelError(
-                    f"quant.weight.group_size {w.group_size} does not divide the {features} input features of "
-                    f"{loaded.adapter.blocks}.{index}.{name}; use a divisor of {features}"
-                    + (f" (e.g. {divisors[-1]})" if divisors else "")
-                    + ", granularity: per_channel, or quant.weight.partial_group: true (narrower last group)"
-                )
+    return compress_batches(cfg, loaded.model, loaded.adapter, methods, device, batches, progress)
 
 
 def check_seq_len(cfg: LlmcConfig, loaded: LoadedModel, calibrates: bool) -> None:
@@ -252,6 +181,7 @@ def results_dict(result: RunResult, device: torch.device) -> dict:
         "seed": result.config.base.seed,
         "calib_seed": result.config.calib_seed if result.config.calib else None,
         "timings_s": result.timings,
+        "sparse": result.methods,
         "environment": {
             "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
             "torch": torch.__version__,

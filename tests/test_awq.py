@@ -20,7 +20,7 @@ from llmc.methods import METHODS, get_methods, method_class
 from llmc.models import get_adapter, load_model
 from llmc.pipeline import BlockwisePipeline, capture_block_inputs
 from llmc.quant import FakeQuantLinear
-from llmc.runner import quant_targets
+from llmc.schedule import block_targets
 
 CPU = torch.device("cpu")
 
@@ -45,7 +45,7 @@ def _apply(model, adapter, cfg, batches, final: bool) -> None:
     method = method_class(cfg.quant.methods[0])(cfg.quant, final=final)
     inputs = capture_block_inputs(model, adapter, batches, CPU)
     BlockwisePipeline(model, adapter, CPU, progress=False).run(
-        inputs, method.process_block, targets=lambda i: quant_targets(cfg, adapter, adapter.get_blocks(model)[i], i)
+        inputs, method.process_block, targets=lambda i: block_targets(cfg.quant.ignored_layers, adapter, adapter.get_blocks(model)[i], i)
     )
 
 

@@ -218,7 +218,7 @@ def no_heavy_work(monkeypatch):
     def forbidden(*_a, **_k):
         raise AssertionError("work started before the export config was checked")
 
-    for name in ("load_model", "build_calibration", "quantize_model"):
+    for name in ("load_model", "build_calibration", "compress_model"):
         monkeypatch.setattr(llmc.runner, name, forbidden)
 
 

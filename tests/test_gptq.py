@@ -14,6 +14,7 @@ import llmc
 from llmc.config.schema import QuantSection
 from llmc.errors import ConfigError, NumericsError
 from llmc.methods.gptq import GPTQ, GroupIndexFakeQuantLinear, gptq_quantize, qdq_elementwise
+from llmc.methods.hessian import group_hessians
 from llmc.models.adapter import LinearGroup, ModelAdapter
 from llmc.pipeline.blockwise import BlockContext
 from llmc.pipeline.capture import BlockInputs
@@ -180,7 +181,7 @@ def test_hessian_skips_padding():
     block, (hidden, masks) = ToyBlock(), toy_inputs()
     ctx = toy_context(block, hidden, masks)
     groups = [list(mods.items()) for _, mods in ctx.groups()]
-    (h_up, _), _ = gptq().hessians(ctx, groups)
+    (h_up, _), _ = group_hessians(ctx, groups)
     real = torch.cat([hidden[0][masks[0]], hidden[1].reshape(-1, 64)])
     torch.testing.assert_close(h_up, 2 / real.shape[0] * real.T @ real)
 

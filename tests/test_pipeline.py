@@ -83,7 +83,7 @@ def test_perplexity_matches_reference(tiny_model_dir, per_block):
 
 def test_rtn_pipeline_wraps_targets_and_respects_ignored(tiny_llama_dir):
     from llmc.config import load_config
-    from llmc.runner import quant_targets
+    from llmc.schedule import block_targets
 
     model, adapter = _model(tiny_llama_dir)
     cfg = load_config(
@@ -98,7 +98,7 @@ def test_rtn_pipeline_wraps_targets_and_respects_ignored(tiny_llama_dir):
     )
     method = get_method(cfg.quant)
     BlockwisePipeline(model, adapter, CPU, progress=False).run(
-        None, method.process_block, targets=lambda i: quant_targets(cfg, adapter, adapter.get_blocks(model)[i], i)
+        None, method.process_block, targets=lambda i: block_targets(cfg.quant.ignored_layers, adapter, adapter.get_blocks(model)[i], i)
     )
     blocks = adapter.get_blocks(model)
     assert isinstance(blocks[0].self_attn.q_proj, FakeQuantLinear)
@@ -184,7 +184,7 @@ def test_forward_until_stops_before_records_and_replays(tiny_model_dir):
 def test_quant_out_default_follows_the_methods(method, explicit, expected):
     from llmc.config import load_config
     from llmc.methods import get_methods
-    from llmc.runner import quantize_batches
+    from llmc.schedule import compress_batches
 
     model = build_tiny_model("llama", 384)
     quant = {"method": method, "weight": {"bit": 4, "granularity": "per_group", "group_size": 32}}
@@ -192,7 +192,7 @@ def test_quant_out_default_follows_the_methods(method, explicit, expected):
         quant["quant_out"] = explicit
     cfg = load_config({"model": {"path": "unused"}, "quant": quant})
     batches = [{"input_ids": torch.randint(0, 384, (2, 16)), "attention_mask": None}]
-    pipeline = quantize_batches(cfg, model, get_adapter("auto", "llama"), get_methods(cfg.quant),
+    pipeline = compress_batches(cfg, model, get_adapter("auto", "llama"), get_methods(cfg.quant),
                                 torch.device("cpu"), batches, progress=False)
     assert pipeline.quant_out is expected
 

@@ -233,6 +233,58 @@ class QuantSection(Section):
         return self
 
 
+def _check_pattern(v: str) -> str:
+    if v == "unstructured":
+        return v
+    n, sep, m = v.partition(":")
+    if not (sep and n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+        raise ValueError(f"pattern {v!r} is not unstructured or N:M with 0 < N < M (e.g. 2:4, 4:8)")
+    return v
+
+
+class SparseWeightSection(Section):
+    """Which weights to prune and how many."""
+
+    sparsity: float | None = Field(
+        None, ge=0, lt=1, description="Fraction of each linear's weights set to zero, per output row."
+    )
+    pattern: Annotated[str, AfterValidator(_check_pattern)] = Field(
+        "unstructured", description="unstructured, or N:M (N zeros in every M consecutive inputs: 2:4, 4:8)."
+    )
+    layer_sparsity: list[Annotated[float, Field(ge=0, lt=1)]] | Literal["owl"] | None = Field(
+        None, description="Per-block sparsity: a list (one per block), or owl (outlier-weighted, from "
+        "calibration data, averaging `sparsity`); unstructured only."
+    )
+    owl_lambda: float = Field(0.08, ge=0, lt=1, description="OWL: largest deviation from `sparsity` per block.")
+    owl_m: float = Field(5.0, gt=0, description="OWL: a score is an outlier above owl_m times its layer's mean.")
+    n_prune_layers: int | None = Field(None, ge=1, description="ShortGPT: how many blocks to remove.")
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        if self.pattern == "unstructured":
+            return None
+        n, _, m = self.pattern.partition(":")
+        return int(n), int(m)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SparseWeightSection:
+        if self.layer_sparsity is not None and self.n_m is not None:
+            raise ValueError("layer_sparsity works with pattern: unstructured; N:M fixes the sparsity per group")
+        return self
+
+
+class SparseSection(Section):
+    """Sparsification (pruning), run before quantization when both are given."""
+
+    method: str = Field(..., description="Magnitude, Wanda, SparseGPT or ShortGPT.")
+    weight: SparseWeightSection = Field(default_factory=SparseWeightSection)
+    sparsity_out: bool = Field(
+        False, description="Feed the next block from the pruned block's outputs (else from the dense ones)."
+    )
+    special: dict[str, Any] = Field(default_factory=dict, description="Method-specific keys.")
+    ignored_layers: IgnoredLayers = Field(default_factory=IgnoredLayers)
+
+
 SAVE_FLAGS = ("save_trans", "save_fake", "save_vllm", "save_sgl", "save_autoawq", "save_mlcllm", "save_gptq")
 
 
@@ -258,6 +310,7 @@ class LlmcConfig(Section):
     calib: CalibSection | None = None
     eval: EvalSection | None = None
     quant: QuantSection | None = None
+    sparse: SparseSection | None = None
     save: SaveSection = Field(default_factory=SaveSection)
 
     @model_validator(mode="after")

@@ -1,4 +1,4 @@
-"""The interface every compression method implements, and the method registry.
+"""The quantization methods' base class and registry (the lifecycle is in `lifecycle.py`).
 
 A method says what to do with one block (`process_block`); the pipeline decides when.
 Method-specific keys live under `quant.special` and are validated by the method's own
@@ -7,17 +7,15 @@ pydantic model `Special`, so unknown keys there are errors too.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
-from torch import nn
 
 from llmc.config.loader import explain_validation_error
 from llmc.config.schema import ActQuantSection, QuantSection, WeightQuantSection
 from llmc.errors import ConfigError
-from llmc.models.adapter import ModelAdapter
+from llmc.methods.lifecycle import CompressionMethod
 from llmc.pipeline.blockwise import BlockContext
 from llmc.quant.fake_linear import FakeQuantLinear
 from llmc.quant.fp8 import FP8Quantizer
@@ -30,10 +28,9 @@ class NoSpecial(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class QuantMethod:
-    name: ClassVar[str]
-    aliases: ClassVar[tuple[str, ...]] = ()
-    needs_calibration: ClassVar[bool] = True
+class QuantMethod(CompressionMethod):
+    """A quantization method: what to do with one block (see `CompressionMethod` for the lifecycle)."""
+
     Special: ClassVar[type[BaseModel]] = NoSpecial
     float_quant: ClassVar[bool] = False
     """Whether the method works with float-quant (FP8) quantizers, not only integer grids."""
@@ -71,19 +68,6 @@ class QuantMethod:
     @property
     def uses_calibration(self) -> bool:
         return self.needs_calibration or (self.quant.act is not None and self.quant.act.static)
-
-    def observe(self, ctx: BlockContext) -> contextlib.AbstractContextManager:
-        """A context the pipeline runs its calibration forward of the still-float block in (when
-        `quant_out` is false, before `process_block`; asked of the first method only), so a
-        method can observe that forward instead of running one of its own."""
-        return contextlib.nullcontext()
-
-    def process_block(self, ctx: BlockContext) -> None:
-        raise NotImplementedError
-
-    def extra_device_bytes(self, model: nn.Module, adapter: ModelAdapter, calib_tokens: int) -> int:
-        """Device memory this method keeps beyond the block and its activations (for the planner)."""
-        return 0
 
     def wrap_linear(self, ctx: BlockContext, name: str) -> FakeQuantLinear | None:
         """Replace block linear `name` by a fake-quant linear with this config's quantizers.

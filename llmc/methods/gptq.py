@@ -26,7 +26,6 @@ earlier blocks' outputs, so GPTQ also corrects the error they pass on.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,14 +35,12 @@ from torch import Tensor, nn
 from llmc.errors import NumericsError
 from llmc.methods.base import QuantMethod, register_method
 from llmc.methods.gptq_block import quantize_block
+from llmc.methods.hessian import group_hessians, inverse_hessian_cholesky
+from llmc.methods.sparse_base import is_pruned
 from llmc.models.adapter import ModelAdapter
 from llmc.pipeline.blockwise import BlockContext, timed
 from llmc.quant.fake_linear import FakeQuantLinear
 from llmc.quant.quantizer import IntQuantizer
-
-DAMP_RETRIES = 4
-HALF_GEMM_FP32_OUT = [True]
-"""Whether this torch build has CUDA `mm(..., out_dtype=float32)` for half inputs (probed on first use)."""
 
 
 class GptqSpecial(BaseModel):
@@ -79,60 +76,6 @@ def natural_g_idx(columns: int, quantizer: IntQuantizer, device: torch.device | 
     return idx // quantizer.group_size if quantizer.granularity == "per_group" else torch.zeros_like(idx)
 
 
-def inverse_hessian_cholesky(hessian: Tensor, percdamp: float) -> Tensor:
-    """Upper Cholesky factor U of (H + damp*I)^-1 = U^T U, damping `hessian` in place; the damping
-    grows 10x per retry while H + damp*I is not positive definite.
-
-    One Cholesky factorization and one triangular solve, instead of the reference code's
-    Cholesky, `cholesky_inverse` and second Cholesky (half the arithmetic): with J the
-    reversal of rows and columns, J H J = L L^T gives H^-1 = (J L^-1 J)^T (J L^-1 J), and
-    J L^-1 J is upper triangular with a positive diagonal, so it is U.
-    """
-    diag = hessian.diagonal()
-    damp = percdamp * diag.mean().item()
-    added = 0.0
-    for _ in range(DAMP_RETRIES):
-        diag.add_(damp - added)
-        added = damp
-        flipped = hessian.flip(0, 1)
-        chol, info = torch.linalg.cholesky_ex(flipped, out=(flipped, torch.empty((), dtype=torch.int32,
-                                                                                device=flipped.device)))
-        if info.item() == 0 and torch.isfinite(chol).all():
-            eye = torch.eye(chol.shape[0], device=chol.device, dtype=chol.dtype)
-            inverse = torch.linalg.solve_triangular(chol, eye, upper=False, out=eye)
-            del chol, flipped  # the factor is done with before the flipped copy of the inverse
-            upper = inverse.flip(0, 1)
-            del inverse
-            if torch.isfinite(upper).all():
-                return upper
-        damp *= 10
-    raise NumericsError(
-        f"the Hessian is not positive definite even with damping {damp / 10:.3g} "
-        f"({DAMP_RETRIES} tries from percdamp); the calibration activations are degenerate or not finite: "
-        f"use more or other calibration data, a larger quant.special.percdamp, or model.torch_dtype: float32"
-    )
-
-
-def add_gram(total: Tensor | None, x: Tensor) -> Tensor:
-    """`total + x^T x` in float32 (a new zero matrix when `total` is None).
-
-    Half-precision rows (bf16/fp16) on CUDA go through half-precision tensor cores with a float32
-    result: every product of two such values is exact in float32 and the GEMM accumulates in
-    float32, so this is the float32 product without a float32 copy of the rows. (On the 7B
-    benchmark the Hessian stage took 21.1 s this way against 19.2 s with TF32 GEMMs in the
-    previous session: its time is the block forwards, not these GEMMs.)
-    """
-    if total is None:
-        total = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and HALF_GEMM_FP32_OUT[0]:
-        try:
-            return total.add_(torch.mm(x.T, x, out_dtype=torch.float32))
-        except (RuntimeError, NotImplementedError):  # a torch build without mm(out_dtype=)
-            HALF_GEMM_FP32_OUT[0] = False
-    x = x.float()
-    return total.addmm_(x.T, x)
-
-
 @torch.no_grad()
 def gptq_quantize(
     weight: Tensor,
@@ -143,13 +86,16 @@ def gptq_quantize(
     actorder: bool = False,
     static_groups: bool = False,
     consume_hessian: bool = False,
+    keep_zeros: bool = False,
 ) -> GptqResult:
     """GPTQ for one weight `[out, in]` given the Hessian `[in, in]` of its input (math in float32).
 
     With `consume_hessian` the float32 Hessian is damped in place instead of copied (one
     `[in, in]` less at the peak: 3 GiB for a 70B down_proj); the caller must not reuse it.
+    With `keep_zeros` (a pruned weight) every zero of `weight` stays zero in Q.
     """
     W = weight.detach().float().clone()
+    pruned = W == 0 if keep_zeros else None
     H = hessian.detach().to(W.device, torch.float32)
     if H.data_ptr() == hessian.data_ptr() and not consume_hessian:
         H = H.clone()
@@ -176,6 +122,7 @@ def gptq_quantize(
     perm = torch.argsort(torch.diag(H), descending=True) if actorder else torch.arange(cols, device=W.device)
     if actorder:
         W, H = W[:, perm], H[perm][:, perm]
+        pruned = pruned[:, perm] if pruned is not None else None
     # Group of each column in processing order; only dynamic groups under actorder follow that order.
     dynamic = grouped and not static_groups
     if dynamic:
@@ -209,7 +156,8 @@ def gptq_quantize(
         else:
             S1, Z1 = all_scale, all_zero
         Hinv1 = Hinv[i1:i2, i1:i2]
-        Q1, Err1 = quantize_block(W1, Hinv1, S1, Z1, quantizer.qmin, quantizer.qmax)
+        prune1 = pruned[:, i1:i2] if pruned is not None else None
+        Q1, Err1 = quantize_block(W1, Hinv1, S1, Z1, quantizer.qmin, quantizer.qmax, prune1)
         Q[:, i1:i2] = Q1
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
 
@@ -291,7 +239,7 @@ class GPTQ(QuantMethod):
                 last = k == len(groups) - 1
                 ready = [c for c, names in owned.items() if c not in frozen and names <= done] if not last else []
                 with timed(self.stage_seconds, "hessian", ctx.device):
-                    (hessian,), recorded = self.hessians(ctx, [group], replay=frozen, record=ready)
+                    (hessian,), recorded = group_hessians(ctx, [group], replay=frozen, record=ready)
                 frozen.update(recorded)
                 if last:
                     frozen.clear()
@@ -300,7 +248,7 @@ class GPTQ(QuantMethod):
                 done.update(name for name, _ in group)
         else:
             with timed(self.stage_seconds, "hessian", ctx.device):
-                hessians, _ = self.hessians(ctx, groups)
+                hessians, _ = group_hessians(ctx, groups)
             with timed(self.stage_seconds, "solve", ctx.device):
                 for group, hessian in zip(groups, hessians):
                     results += self.quantize_group(ctx, group, hessian)
@@ -309,29 +257,6 @@ class GPTQ(QuantMethod):
         if self.final:
             for name, result in results:
                 self.wrap(ctx, name, result)
-
-    @torch.no_grad()
-    def hessians(
-        self,
-        ctx: BlockContext,
-        groups: list[list[tuple[str, nn.Module]]],
-        replay: dict[str, list] | None = None,
-        record: Sequence[str] = (),
-    ) -> tuple[list[Tensor], dict[str, list]]:
-        """One forward over the calibration set, stopping before the last group's first linear runs;
-        H = 2/n X^T X of each group's input (real tokens only), and the outputs of `record`."""
-        first = [group[0][0] for group in groups]
-        sums: dict[str, Tensor | None] = dict.fromkeys(first)
-        tokens = dict.fromkeys(first, 0)
-
-        def add(name: str, rows: Tensor) -> None:
-            sums[name] = add_gram(sums[name], rows.to(ctx.device))
-            tokens[name] += rows.shape[0]
-
-        with ctx.hook_inputs(first, add, only_real_tokens=True):
-            # groups are in execution order; later layers are not needed
-            recorded = ctx.forward_until(first[-1], inclusive=False, replay=replay, record=record)
-        return [sums[n].mul_(2 / max(tokens[n], 1)) for n in first], recorded
 
     def quantize_group(
         self, ctx: BlockContext, group: list[tuple[str, nn.Module]], hessian: Tensor
@@ -346,7 +271,8 @@ class GPTQ(QuantMethod):
             weight = torch.cat([m.weight for _, m in part])
             try:
                 res = gptq_quantize(weight, hessian, wq.for_dtype(weight.dtype), sp.blocksize, sp.percdamp,
-                                    sp.actorder, sp.static_groups, consume_hessian=len(parts) == 1)
+                                    sp.actorder, sp.static_groups, consume_hessian=len(parts) == 1,
+                                    keep_zeros=any(is_pruned(m) for _, m in part))
             except NumericsError as exc:
                 names = ", ".join(n for n, _ in part)
                 raise NumericsError(f"GPTQ on block {ctx.index} ({names}): {exc}") from None

@@ -32,12 +32,13 @@ _LIMIT = 4194304.0
 
 
 def quantize_block_torch(
-    W1: Tensor, Hinv1: Tensor, S1: Tensor, Z1: Tensor, qmin: int, qmax: int
+    W1: Tensor, Hinv1: Tensor, S1: Tensor, Z1: Tensor, qmin: int, qmax: int, prune1: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Quantize the columns of `W1` [rows, width] in order; returns (Q1, Err1).
 
     `S1`/`Z1` are the scale and zero point of each column, `[rows, width]`, or `[rows, 1]` when
-    the whole block shares them. `W1` is updated in place.
+    the whole block shares them. `W1` is updated in place. Weights where the bool `prune1` is
+    set are quantized to zero (a pruned model keeps its zeros; their error is spread as well).
     """
     Q1 = torch.empty_like(W1)
     Err1 = torch.empty_like(W1)
@@ -47,6 +48,8 @@ def quantize_block_torch(
         z = Z1[:, i] if per_col else Z1[:, 0]
         w = W1[:, i]
         q = (torch.clamp(torch.round(w / s) + z, qmin, qmax) - z) * s
+        if prune1 is not None:
+            q = q.masked_fill(prune1[:, i], 0)
         Q1[:, i] = q
         err = (w - q) / Hinv1[i, i]
         W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
@@ -129,7 +132,9 @@ def use_triton(W1: Tensor) -> bool:
 
 
 def quantize_block(
-    W1: Tensor, Hinv1: Tensor, S1: Tensor, Z1: Tensor, qmin: int, qmax: int
+    W1: Tensor, Hinv1: Tensor, S1: Tensor, Z1: Tensor, qmin: int, qmax: int, prune1: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
+    if prune1 is not None:  # the Triton kernel has no mask: pruned models take the torch loop
+        return quantize_block_torch(W1, Hinv1, S1, Z1, qmin, qmax, prune1)
     fn = quantize_block_triton if use_triton(W1) else quantize_block_torch
     return fn(W1, Hinv1, S1, Z1, qmin, qmax)

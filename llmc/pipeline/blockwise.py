@@ -280,11 +280,13 @@ class BlockwisePipeline:
         process: Callable[[BlockContext], None] | None = None,
         targets: Callable[[int], list[str]] | None = None,
         observe: Callable[[BlockContext], contextlib.AbstractContextManager] | None = None,
+        after: Callable[[BlockContext, list[Tensor] | None], None] | None = None,
     ) -> BlockInputs | None:
         """Process every block in order; returns the last block's outputs (None without inputs).
 
         `observe(ctx)` is a context the forward of the float block runs in, when there is one
         (without `quant_out`): a method may record what it needs there instead of running its own.
+        `after(ctx, outputs)` sees the outputs that feed the next block.
         """
         blocks = self.adapter.get_blocks(self.model)
         if inputs is not None:
@@ -320,6 +322,9 @@ class BlockwisePipeline:
                 if outs is None:
                     outs = ctx.forward()
                 check_finite(outs, f"leaving block {index}")
+            if after is not None:
+                after(ctx, outs)
+            if inputs is not None:
                 inputs = inputs.with_hidden(outs)
             lap = self._lap("forward", lap)
             trip.come_back()

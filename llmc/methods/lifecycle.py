@@ -1,0 +1,76 @@
+"""The lifecycle every compression method (quantization and sparsification alike) follows.
+
+The pipeline owns the schedule and calls, in order:
+
+1. `prepare_model(mctx)`: once, before block inputs are captured (untie the head, rotate the
+   embedding...);
+2. when a method asks for it (`wants_statistics_pass`), `collect_block(ctx)` for every block in
+   a read-only pass over the model (model-wide statistics, e.g. OWL's outlier ratios);
+3. per block: `observe(ctx)` (asked of the first method: a context the pipeline's float
+   forward runs in), `process_block(ctx)` (transform, prune, quantize the block),
+   `after_block(ctx, outputs)` (the outputs that feed the next block, e.g. ShortGPT's block
+   influence);
+4. `finish_model(mctx)`: once, after the last block (drop blocks, re-tie).
+
+No method loops over blocks itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from llmc.models.adapter import ModelAdapter
+from llmc.pipeline.blockwise import BlockContext
+
+
+@dataclass
+class ModelContext:
+    """What a method may use at the model-level steps."""
+
+    model: nn.Module
+    adapter: ModelAdapter
+    results: dict[str, Any] = field(default_factory=dict)
+    """Entries a method adds to results.json (under its name)."""
+
+
+class CompressionMethod:
+    name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    needs_calibration: ClassVar[bool] = True
+    @property
+    def wants_statistics_pass(self) -> bool:
+        """Whether `collect_block` must see every block before any block is processed."""
+        return False
+
+    @property
+    def uses_calibration(self) -> bool:
+        return self.needs_calibration
+
+    def prepare_model(self, mctx: ModelContext) -> None:
+        """Model-level step before the block inputs are captured."""
+
+    def collect_block(self, ctx: BlockContext) -> None:
+        """Read-only look at one block in the statistics pass (only if `wants_statistics_pass`)."""
+
+    def observe(self, ctx: BlockContext) -> contextlib.AbstractContextManager:
+        """A context the pipeline runs its calibration forward of the still-unchanged block in
+        (before `process_block`, when the next block is fed from unchanged outputs; asked of the
+        first method only), so a method can observe that forward instead of running its own."""
+        return contextlib.nullcontext()
+
+    def process_block(self, ctx: BlockContext) -> None:
+        raise NotImplementedError
+
+    def after_block(self, ctx: BlockContext, outputs: list[Tensor] | None) -> None:
+        """Sees the block's outputs (what the next block receives), after `process_block`."""
+
+    def finish_model(self, mctx: ModelContext) -> None:
+        """Model-level step after the last block."""
+
+    def extra_device_bytes(self, model: nn.Module, adapter: ModelAdapter, calib_tokens: int) -> int:
+        """Device memory this method keeps beyond the block and its activations (for the planner)."""
+        return 0

@@ -1,0 +1,153 @@
+"""The schedule of a compression run: every method's lifecycle steps (`llmc.methods.lifecycle`)
+around the block-wise pipeline.
+
+Sparse methods come first, then the quantization methods of `quant.method` (only the last of
+those quantizes). Per block each method processes the block with its own targets (the
+declared linears less the float-on-purpose ones and its section's ignored layers).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from llmc.config.schema import IgnoredLayers, LlmcConfig
+from llmc.errors import ModelError
+from llmc.methods import QuantMethod, get_methods
+from llmc.methods.lifecycle import CompressionMethod, ModelContext
+from llmc.methods.sparse_base import SparseMethod, sparse_method
+from llmc.models import ModelAdapter
+from llmc.pipeline import BlockContext, BlockwisePipeline, capture_block_inputs
+from llmc.pipeline.planner import check_fits, plan_memory
+
+log = logging.getLogger("llmc")
+
+
+def build_methods(cfg: LlmcConfig) -> list[CompressionMethod]:
+    """The configured methods in the order they run: sparsification, then quantization."""
+    methods: list[CompressionMethod] = [sparse_method(cfg.sparse)] if cfg.sparse is not None else []
+    if cfg.quant is not None:
+        methods.extend(get_methods(cfg.quant))
+    return methods
+
+
+def method_targets(cfg: LlmcConfig, method: CompressionMethod, adapter: ModelAdapter, block: nn.Module,
+                   index: int) -> list[str]:
+    section = cfg.sparse if isinstance(method, SparseMethod) else cfg.quant
+    return block_targets(section.ignored_layers, adapter, block, index)
+
+
+def block_targets(ignored: IgnoredLayers, adapter: ModelAdapter, block: nn.Module, index: int) -> list[str]:
+    """The block's declared linears (`#` expanded) less the ignored and float-on-purpose ones."""
+    if index in ignored.blocks():
+        return []
+    prefix = f"{adapter.blocks}.{index}."
+    floats = set(adapter.block_float_linears(block))
+    return [
+        n for n in adapter.block_linear_names(block)
+        if n not in floats and n not in ignored.layer_names and prefix + n not in ignored.speical_names
+    ]
+
+
+def resolve_block_out(cfg: LlmcConfig, methods: list[CompressionMethod]) -> bool:
+    """Whether the next block is fed from the processed block's outputs: `quant.quant_out` as given,
+    else true when a quantization method asks for it (GPTQ); `sparse.sparsity_out` without quant."""
+    if cfg.quant is not None:
+        if cfg.quant.quant_out is not None:
+            return cfg.quant.quant_out
+        return any(isinstance(m, QuantMethod) and m.prefers_quant_out for m in methods)
+    return cfg.sparse is not None and cfg.sparse.sparsity_out
+
+
+def check_methods(cfg: LlmcConfig, methods: list[CompressionMethod], model: nn.Module, adapter: ModelAdapter) -> None:
+    """Checks a method can make from the loaded model's shapes, before any calibration."""
+    blocks = adapter.get_blocks(model)
+    for method in methods:
+        if isinstance(method, SparseMethod):
+            widths = [blocks[i].get_submodule(n).in_features for i in range(len(blocks))
+                      for n in method_targets(cfg, method, adapter, blocks[i], i)]
+            method.check_model(len(blocks), widths)
+        elif cfg.quant is not None and method is methods[-1]:
+            check_group_size(cfg, model, adapter)
+
+
+def check_group_size(cfg: LlmcConfig, model: nn.Module, adapter: ModelAdapter) -> None:
+    w = cfg.quant.weight
+    if w.granularity != "per_group" or w.partial_group:
+        return
+    blocks = adapter.get_blocks(model)
+    for index in range(len(blocks)):
+        for name in block_targets(cfg.quant.ignored_layers, adapter, blocks[index], index):
+            features = blocks[index].get_submodule(name).in_features
+            if features % w.group_size:
+                divisors = [d for d in (32, 64, 128, 256) if features % d == 0]
+                raise ModelError(
+                    f"quant.weight.group_size {w.group_size} does not divide the {features} input features of "
+                    f"{adapter.blocks}.{index}.{name}; use a divisor of {features}"
+                    + (f" (e.g. {divisors[-1]})" if divisors else "")
+                    + ", granularity: per_channel, or quant.weight.partial_group: true (narrower last group)"
+                )
+
+
+def compress_batches(
+    cfg: LlmcConfig, model: nn.Module, adapter: ModelAdapter, methods: list[CompressionMethod],
+    device: torch.device, batches: list[dict] | None, progress: bool = True,
+) -> BlockwisePipeline:
+    """Run every method's lifecycle: model-level preparation, memory plan, capture of the block
+    inputs for `batches` (token ids), the statistics pass if asked for, the block loop, and the
+    model-level finish."""
+    mctx = ModelContext(model, adapter)
+    for method in methods:
+        method.prepare_model(mctx)
+    blocks = adapter.get_blocks(model)
+    ids = [b["input_ids"] for b in batches or []]
+    n_samples = sum(t.shape[0] for t in ids)
+    batch_size, seq_len = ids[0].shape if ids else (0, 0)
+    plan = plan_memory(
+        model, blocks, n_samples, seq_len, batch_size, device,
+        method_bytes=max(m.extra_device_bytes(model, adapter, n_samples * seq_len) for m in methods),
+        cache_policy=cfg.base.act_cache,
+    )
+    log.info(plan.describe())
+    check_fits(plan, device)
+    inputs = None
+    if batches is not None:
+        store = device if plan.cache_on_device else torch.device("cpu")
+        inputs = capture_block_inputs(model, adapter, batches, device, store_device=store)
+        log.info("captured block inputs: %d batches, %d tokens", len(inputs), inputs.num_tokens())
+
+    def targets_of(method: CompressionMethod, index: int) -> list[str]:
+        return method_targets(cfg, method, adapter, blocks[index], index)
+
+    collectors = [m for m in methods if m.wants_statistics_pass]
+    if collectors and inputs is not None:
+        def collect(ctx: BlockContext) -> None:
+            for method in collectors:
+                ctx.targets = targets_of(method, ctx.index)
+                method.collect_block(ctx)
+
+        BlockwisePipeline(model, adapter, device, progress=progress, desc="statistics").run(inputs, collect)
+
+    def process(ctx: BlockContext) -> None:
+        for method in methods:
+            ctx.targets = targets_of(method, ctx.index)
+            method.process_block(ctx)
+
+    def after(ctx: BlockContext, outputs: list | None) -> None:
+        for method in methods:
+            method.after_block(ctx, outputs)
+
+    pipeline = BlockwisePipeline(model, adapter, device, quant_out=resolve_block_out(cfg, methods), progress=progress,
+                                 desc="+".join(m.name for m in methods))
+    pipeline.plan = plan
+    # Only the first method sees the block as it came; the others see it transformed.
+    pipeline.run(inputs, process, targets=lambda i: targets_of(methods[0], i), observe=methods[0].observe,
+                 after=after)
+    for method in methods:
+        method.finish_model(mctx)
+    seconds = pipeline.block_seconds
+    log.info("processed %d blocks in %.1f s (%.2f s per block)", len(seconds), sum(seconds),
+             sum(seconds) / max(1, len(seconds)))
+    return pipeline
