@@ -30,8 +30,7 @@ from llmc import compress  # noqa: E402
 from llmc.config import load_config  # noqa: E402
 from llmc.data import build_calibration, load_eval_text, load_named_documents, tokenize_windows  # noqa: E402
 from llmc.eval.perplexity import PROTOCOL  # noqa: E402
-from llmc.methods import get_methods  # noqa: E402
-from llmc.schedule import resolve_block_out  # noqa: E402
+from llmc.schedule import build_methods, resolve_block_out  # noqa: E402
 
 G128 = {"bit": 4, "symmetric": False, "granularity": "per_group", "group_size": 128, "partial_group": True}
 WEIGHT_ONLY = {
@@ -54,8 +53,35 @@ PEER_RUNS = ({(setting, m) for setting in WEIGHT_ONLY for m in ("RTN", "GPTQ", "
              | {("W8A8", "RTN"), ("W8A8", "SmoothQuant")})
 
 
-def plan() -> list[tuple[str, str, dict | None]]:
-    runs: list[tuple[str, str, dict | None]] = [("FP32", "FP", None)]
+SPARSE_50 = {"sparsity": 0.5}
+SPARSE_24 = {"sparsity": 0.5, "pattern": "2:4"}
+SPARSE_SETTINGS = {"50% unstructured": SPARSE_50, "2:4": SPARSE_24}
+W8A8_SETTING = "W8A8"
+# llm-compressor has no ShortGPT; its other pruning modifiers run beside ours.
+PEER_SPARSE = {"Magnitude", "Wanda", "SparseGPT", "Wanda+GPTQ", "SparseGPT+RTN"}
+
+
+def sparse_plan() -> list[tuple[str, str, dict]]:
+    runs = []
+    for setting, weight in SPARSE_SETTINGS.items():
+        for method in ("Magnitude", "Wanda", "SparseGPT"):
+            runs.append((setting, method, {"sparse": {"method": method, "weight": weight}}))
+    for n in (3, 6):
+        runs.append((f"{n} blocks removed", "ShortGPT",
+                     {"sparse": {"method": "ShortGPT", "weight": {"n_prune_layers": n}}}))
+    runs.append(("50% unstructured + W4A16 g64", "Wanda+GPTQ", {
+        "sparse": {"method": "Wanda", "weight": SPARSE_50},
+        "quant": {"method": "GPTQ", "weight": WEIGHT_ONLY["W4A16 g64"], "special": GPTQ_SPECIAL}}))
+    weight, act = WEIGHT_ACT[W8A8_SETTING]
+    runs.append(("2:4 + W8A8", "SparseGPT+RTN", {
+        "sparse": {"method": "SparseGPT", "weight": SPARSE_24},
+        "quant": {"method": "RTN", "weight": weight, "act": act}}))
+    return runs
+
+
+def plan() -> list[tuple[str, str, dict]]:
+    """(setting, method, config sections) of every row."""
+    runs: list[tuple[str, str, dict]] = [("FP32", "FP", {})]
     for setting, weight in WEIGHT_ONLY.items():
         for method in ("RTN", "GPTQ", "AWQ", ["AWQ", "GPTQ"]):
             quant = {"method": method, "weight": weight}
@@ -65,11 +91,11 @@ def plan() -> list[tuple[str, str, dict | None]]:
                 # Measured with float activations between blocks, before quant_out defaulted to true with GPTQ.
                 quant["special"] = {"GPTQ": GPTQ_SPECIAL}
                 quant["quant_out"] = False
-            runs.append((setting, "+".join(method) if isinstance(method, list) else method, quant))
+            runs.append((setting, "+".join(method) if isinstance(method, list) else method, {"quant": quant}))
     for setting, (weight, act) in WEIGHT_ACT.items():
         for method in ("RTN", "SmoothQuant"):
-            runs.append((setting, method, {"method": method, "weight": weight, "act": act}))
-    return runs
+            runs.append((setting, method, {"quant": {"method": method, "weight": weight, "act": act}}))
+    return runs + sparse_plan()
 
 
 NOTES = [
@@ -93,6 +119,11 @@ NOTES = [
     "inputs were re-recorded after clipping the groups before it). Their perplexities may move slightly when "
     "rerun: W4A16 g128 AWQ, rerun at 61f4b1a on 2 CPU cores (twice, the same 25.250), was 25.312 on the "
     "H100 before.",
+    "- Sparse rows: `transformed` perplexity of the pruned float model (`fake_quant` where a quantization "
+    "follows); sparsity is per output row over every linear of every block (lm_head and embeddings dense) on both "
+    "sides; the peer's sparsity is counted on the model it leaves in memory. llm-compressor has no ShortGPT. "
+    "Magnitude on the peer is its MagnitudePruningModifier with init = final sparsity (it is a training-time "
+    "schedule; oneshot applies the initial sparsity).",
     "- Times are llmc's `quantize_s` (input capture and all blocks; load and evaluation excluded) and the "
     "peer's `oneshot` time, each on the device in the last column: compare times within a row only when both "
     "ran on the same device.",
@@ -100,43 +131,48 @@ NOTES = [
 ORDER = {(setting, method): i for i, (setting, method, _) in enumerate(plan())}
 
 
-def resolved_quant_out(quant: dict | None) -> bool:
-    if not quant:
+def resolved_quant_out(spec: dict) -> bool:
+    if not spec:
         return False
-    cfg = load_config({"model": {"path": "unused"}, "quant": quant})
-    return resolve_block_out(cfg, get_methods(cfg.quant))
+    cfg = load_config({"model": {"path": "unused"}, **spec})
+    return resolve_block_out(cfg, build_methods(cfg))
 
 
-def llmc_run(model_dir: Path, args: argparse.Namespace, quant: dict | None) -> dict:
+def llmc_run(model_dir: Path, args: argparse.Namespace, spec: dict) -> dict:
     cfg = {
         "base": {"seed": 42, "device": args.device},
         "model": {"type": "SmolLM", "path": str(model_dir), "torch_dtype": "float32"},
         "calib": {"name": "c4", "n_samples": args.n_samples, "seq_len": args.calib_seq_len, "bs": args.calib_bs,
                   "preproc": "general", "seed": 42},
-        "eval": {"eval_pos": ["fake_quant" if quant else "pretrain"], "name": "wikitext2", "seq_len": 2048,
-                 "max_windows": args.windows},
+        "eval": {"eval_pos": ["fake_quant" if "quant" in spec else "transformed" if spec else "pretrain"],
+                 "name": "wikitext2", "seq_len": 2048, "max_windows": args.windows},
+        **spec,
     }
-    if quant:
-        cfg["quant"] = quant
     result = compress(cfg, progress=False)
     ppl = result.perplexity[0]
-    return {"ppl": ppl.ppl, "quantize_s": result.timings.get("quantize_s", 0.0), "windows": ppl.windows}
+    row = {"ppl": ppl.ppl, "quantize_s": result.timings.get("quantize_s", 0.0), "windows": ppl.windows}
+    if result.methods:
+        row["sparse"] = result.methods[0]
+    return row
 
 
-def peer_run(model_dir: Path, args: argparse.Namespace, files: dict, setting: str, method: str) -> dict:
-    if setting in WEIGHT_ONLY:
-        weight, act = WEIGHT_ONLY[setting], None
-    else:
-        weight, act = WEIGHT_ACT[setting]
+def peer_run(model_dir: Path, args: argparse.Namespace, files: dict, setting: str, method: str,
+             spec: dict) -> dict:
+    quant, sparse = spec.get("quant"), spec.get("sparse")
     cmd = [args.peer_python, str(Path(__file__).with_name("peer_llmcompressor.py")), "--model", str(model_dir),
-           "--calib", str(files["calib"]), "--windows", str(files["windows"]), "--method", method,
-           "--bits", str(weight["bit"]), "--group-size", str(weight["group_size"]), "--device", args.device_name]
-    if not weight["symmetric"]:
-        cmd.append("--asym")
-    if method == "GPTQ":
-        cmd += ["--actorder", "static"]
-    if act:
-        cmd += ["--act-bits", str(act["bit"])]
+           "--calib", str(files["calib"]), "--windows", str(files["windows"]), "--device", args.device_name]
+    if sparse:
+        cmd += ["--sparse-method", sparse["method"], "--sparsity", str(sparse["weight"].get("sparsity", 0.5)),
+                "--mask-structure", sparse["weight"].get("pattern", "0:0").replace("unstructured", "0:0")]
+    if quant:
+        weight, act = quant["weight"], quant.get("act")
+        cmd += ["--method", quant["method"], "--bits", str(weight["bit"]), "--group-size", str(weight["group_size"])]
+        if not weight["symmetric"]:
+            cmd.append("--asym")
+        if quant["method"] == "GPTQ":
+            cmd += ["--actorder", "static"]
+        if act:
+            cmd += ["--act-bits", str(act["bit"])]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         return {"error": peer_error(proc.stderr)}
@@ -181,8 +217,8 @@ def write(out: Path, header: dict, rows: list[dict]) -> None:
         f"- command: `{header['command']}`",
         "",
         "| setting | method | quant_out | llmc PPL | llmc time (s) | llm-compressor PPL | llm-compressor time (s) "
-        "| device | llmc commit |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
+        "| sparsity (llmc / peer) | device | llmc commit |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- |",
     ]
     default_device = header["environment"]["device"]
     for r in rows:
@@ -193,8 +229,14 @@ def write(out: Path, header: dict, rows: list[dict]) -> None:
         if peer.get("device") and peer["device"] != device:
             device += f"; llm-compressor: {peer['device']}"
         quant_out = {True: "true", False: "false"}.get(r.get("quant_out"), "false")
+        sparsity = ""
+        if "sparse" in r:
+            removed = r["sparse"].get("removed_blocks")
+            sparsity = f"blocks {removed} removed" if removed is not None else f"{r['sparse']['sparsity']:.4f}"
+            if "sparsity" in peer:
+                sparsity += f" / {peer['sparsity']:.4f}"
         lines.append(f"| {r['setting']} | {r['method']} | {quant_out} | {r['ppl']:.3f} | {r['quantize_s']:.1f} | "
-                     f"{peer_ppl} | {peer_t} | {device} | {r.get('commit') or 'before 03c5dcb'} |")
+                     f"{peer_ppl} | {peer_t} | {sparsity} | {device} | {r.get('commit') or 'before 03c5dcb'} |")
     lines += ["", "Notes:", *NOTES]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
@@ -249,7 +291,7 @@ def main() -> None:
         return not only or bool({setting, method, f"{setting}/{method}"} & only)
 
     done = {(r["setting"], r["method"]): r for r in rows}
-    for setting, method, quant in plan():
+    for setting, method, spec in plan():
         if not selected(setting, method):
             continue
         previous = done.get((setting, method))
@@ -263,11 +305,12 @@ def main() -> None:
         else:
             env = environment()
             row = {"setting": setting, "method": method, "device": env["device"], "commit": env["commit"],
-                   "quant_out": resolved_quant_out(quant), **llmc_run(model_dir, args, quant)}
+                   "quant_out": resolved_quant_out(spec), **llmc_run(model_dir, args, spec)}
         if previous is not None and "peer" in previous and not args.peer_python:
             row["peer"] = previous["peer"]  # --redo without the peer keeps its earlier result
-        elif args.peer_python and (setting, method) in PEER_RUNS:
-            row["peer"] = {**peer_run(model_dir, args, files, setting, method), "device": environment()["device"]}
+        elif args.peer_python and ((setting, method) in PEER_RUNS or method in PEER_SPARSE):
+            row["peer"] = {**peer_run(model_dir, args, files, setting, method, spec),
+                           "device": environment()["device"]}
             header["peer_versions"] = row["peer"].get("versions", header.get("peer_versions"))
         if not args.peer_only:
             row["wall_s"] = time.perf_counter() - start

@@ -72,7 +72,41 @@ def allow_cpu_only() -> None:
     torch.Tensor.pin_memory = lambda self, *a, **k: self
 
 
+def sparse_recipe(args: argparse.Namespace) -> list:
+    from llmcompressor.modifiers.pruning import (
+        MagnitudePruningModifier,
+        SparseGPTModifier,
+        WandaPruningModifier,
+    )
+
+    if args.sparse_method == "Magnitude":
+        # A training-time schedule in llm-compressor; oneshot applies init_sparsity once.
+        return [MagnitudePruningModifier(
+            targets=[r"re:model\.layers\.\d+\..*_proj\.weight"], init_sparsity=args.sparsity,
+            final_sparsity=args.sparsity, start=0, end=1, update=1, mask_structure=args.mask_structure)]
+    common = dict(sparsity=args.sparsity, mask_structure=args.mask_structure, ignore=["re:.*lm_head"])
+    if args.sparse_method == "Wanda":
+        return [WandaPruningModifier(**common)]
+    if args.sparse_method == "SparseGPT":
+        return [SparseGPTModifier(**common, block_size=128, dampening_frac=0.01)]
+    raise SystemExit(f"unknown sparse method {args.sparse_method}")
+
+
+def decoder_sparsity(model: torch.nn.Module) -> float:
+    """Fraction of zeros over the decoder blocks' linears of the model as left in memory."""
+    zeros = total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            zeros += int((module.weight == 0).sum())
+            total += module.weight.numel()
+    return zeros / max(total, 1)
+
+
 def recipe(args: argparse.Namespace) -> list:
+    return (sparse_recipe(args) if args.sparse_method else []) + (quant_recipe(args) if args.method else [])
+
+
+def quant_recipe(args: argparse.Namespace) -> list:
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
@@ -98,7 +132,10 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--calib", required=True, help="torch file with a LongTensor [n, seq_len]")
     parser.add_argument("--windows", required=True, help="torch file with eval windows [n, seq_len]")
-    parser.add_argument("--method", required=True, choices=["GPTQ", "AWQ", "SmoothQuant", "RTN"])
+    parser.add_argument("--method", default=None, choices=["GPTQ", "AWQ", "SmoothQuant", "RTN"])
+    parser.add_argument("--sparse-method", default=None, choices=["Magnitude", "Wanda", "SparseGPT"])
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--mask-structure", default="0:0", help="0:0 (unstructured) or N:M")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--asym", action="store_true")
@@ -134,13 +171,14 @@ def main() -> None:
     )
     quantize_s = time.perf_counter() - start
     model.eval()
-    if not apply_quantization(model):
+    if args.method and not apply_quantization(model):
         raise SystemExit("llm-compressor left no quantized layer")
     device = torch.device(args.device)
     result = evaluate_perplexity(model, get_adapter("auto", model.config.model_type), windows, device,
-                                 progress=False, dataset="wikitext2", position="fake_quant")
+                                 progress=False, dataset="wikitext2",
+                                 position="fake_quant" if args.method else "transformed")
     print(json.dumps({
-        "ppl": result.ppl, "quantize_s": quantize_s, "windows": result.windows, "seq_len": result.seq_len,
+        "ppl": result.ppl, "quantize_s": quantize_s, "sparsity": decoder_sparsity(model), "windows": result.windows, "seq_len": result.seq_len,
         "versions": {"llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__,
                      "transformers": transformers.__version__, "torch": torch.__version__},
     }))

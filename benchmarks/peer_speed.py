@@ -36,6 +36,11 @@ def recipe(run: str) -> list:
         scheme = {"group_0": QuantizationScheme(targets=["Linear"], weights=w8, input_activations=a8)}
         return [SmoothQuantModifier(smoothing_strength=0.5), QuantizationModifier(config_groups=scheme,
                                                                                   ignore=["lm_head"])]
+    if run in ("sparsegpt24", "wanda24"):
+        from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+
+        cls = SparseGPTModifier if run == "sparsegpt24" else WandaPruningModifier
+        return [cls(sparsity=0.5, mask_structure="2:4", ignore=["re:.*lm_head"])]
     raise SystemExit(f"unknown run {run}")
 
 

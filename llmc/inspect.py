@@ -9,6 +9,9 @@ when stored, else the packed words x 32 / bits).
 
 Theoretical size = quantized parameters x bits / 8 + every other tensor (scales, zero
 points, g_idx, biases, embeddings, norms, unquantized linears) at its stored dtype.
+
+Sparsity (`llmc.inspect_sparsity`) is the one part that reads weights: the zeros of every linear
+layer and whether they are 2:4, in float and compressed-tensors folders.
 """
 
 from __future__ import annotations
@@ -20,6 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmc.errors import LlmcError
+from llmc.inspect_sparsity import (
+    checkpoint_sparsity,
+    declared_sparsity,
+    format_sparsity,
+    is_legacy_sparse,
+    legacy_numel,
+)
+from llmc.sparsity import LayerSparsity
 
 DTYPE_BYTES = {
     "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
@@ -67,6 +78,9 @@ class CheckpointInfo:
     quantized_params: int = 0
     disk_bytes: int = 0
     theoretical_bytes: int = 0
+    sparsity: list[LayerSparsity] | None = None
+    """Per linear layer, its zeros; None where not measured (awq, gptq)."""
+    declared_sparsity: str | None = None
 
     @property
     def ratio(self) -> float:
@@ -119,7 +133,13 @@ def describe_scheme(qc: dict) -> tuple[str, str, str, float | None]:
         groups = list((qc.get("config_groups") or {}).values())
         g = groups[0] if groups else {}
         w, a = g.get("weights") or {}, g.get("input_activations")
-        fmt = f"compressed-tensors ({qc.get('format') or g.get('format') or 'unknown'})"
+        name = qc.get("format") or g.get("format") or "unknown"
+        sparse = (qc.get("sparsity_config") or {}).get("format")
+        if sparse and sparse != "dense":
+            name = f"{name} + {sparse}" if groups else sparse
+        fmt = f"compressed-tensors ({name})"
+        if not groups:
+            return fmt, "float (sparse only)", "none", None
         return fmt, describe_args(w), describe_args(a, act=True) if a else "none (weight-only)", w.get("num_bits")
     bits = qc.get("bits", qc.get("w_bit"))
     group = qc.get("group_size", qc.get("q_group_size"))
@@ -155,7 +175,8 @@ def module_of(name: str) -> tuple[str, str]:
     return module, leaf
 
 
-def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
+def inspect_checkpoint(path: str | Path, sparsity: bool = True) -> CheckpointInfo:
+    """What the folder holds; `sparsity=False` skips reading the weights (no zero counts)."""
     folder = Path(path).expanduser()
     config = load_config(folder)
     tensors = read_tensors(folder)
@@ -175,6 +196,9 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         if q is None:
             info.unquantized.append(module)
             info.theoretical_bytes += sum(t.nbytes for t in leaves.values())
+            if is_legacy_sparse(leaves):  # values, bitmask and shape of one sparse weight
+                info.params += legacy_numel(leaves) + sum(t.numel for n, t in leaves.items() if n == "bias")
+                continue
             info.params += sum(t.numel for t in leaves.values() if t.dtype.startswith(("F", "BF")))
             continue
         code, logical, width = q
@@ -184,6 +208,8 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         info.theoretical_bytes += int(logical * width + 7) // 8
         info.theoretical_bytes += sum(t.nbytes for n, t in leaves.items() if n != code)
     info.disk_bytes = sum(f.stat().st_size for f in {t.file for t in tensors})
+    info.sparsity = checkpoint_sparsity(qc, by_module) if sparsity else None
+    info.declared_sparsity = declared_sparsity(config)
     return info
 
 
@@ -199,6 +225,9 @@ def quantized_weight(leaves: dict[str, Tensor], bits: float | None) -> tuple[str
             dims = read_tensor_values(shape)
             return name, dims[0] * dims[1], width
         return name, int(t.numel * 32 / width), width
+    c = leaves.get("compressed")
+    if c is not None and c.dtype in LOW_BIT_WEIGHT_DTYPES and is_legacy_sparse(leaves):  # sparse 8-bit codes
+        return "compressed", legacy_numel(leaves), float(LOW_BIT_WEIGHT_DTYPES[c.dtype])
     w = leaves.get("weight")
     if w is not None and w.dtype in LOW_BIT_WEIGHT_DTYPES and len(w.shape) == 2:
         return "weight", w.numel, float(LOW_BIT_WEIGHT_DTYPES[w.dtype])
@@ -252,5 +281,6 @@ def format_info(info: CheckpointInfo) -> str:
         f"size on disk   {human_bytes(info.disk_bytes)} ({info.disk_bytes:,} bytes of safetensors)",
         f"theoretical    {human_bytes(info.theoretical_bytes)} ({info.theoretical_bytes:,} bytes); "
         f"disk / theoretical = {info.ratio:.3f}",
+        *format_sparsity(info.sparsity, info.declared_sparsity),
     ]
     return "\n".join(lines)

@@ -27,9 +27,18 @@ from llmc.methods.lifecycle import CompressionMethod
 from llmc.methods.sparse_base import SparseMethod
 from llmc.models import LoadedModel, ModelAdapter, load_model
 from llmc.models.loader import check_model_paths
+from llmc.models.moe import moe_calibration, moe_routing
 from llmc.pipeline import BlockwisePipeline
 from llmc.quant import quant_disabled
-from llmc.save import FAKE_DIR, TRANS_DIR, atomic_output_dir, check_output_path, save_hf_model, write_json
+from llmc.save import (
+    FAKE_DIR,
+    TRANS_DIR,
+    atomic_output_dir,
+    check_output_path,
+    copy_processor_files,
+    save_hf_model,
+    write_json,
+)
 from llmc.schedule import build_methods, check_methods, compress_batches
 
 log = logging.getLogger("llmc")
@@ -145,7 +154,8 @@ def compress_model(
         c = cfg.calib
         batches = build_calibration(calib_docs, loaded.tokenizer, c.n_samples, c.seq_len, c.bs, c.preproc,
                                     cfg.calib_seed)
-    return compress_batches(cfg, loaded.model, loaded.adapter, methods, device, batches, progress)
+    with moe_calibration(loaded.model, cfg.calib, batches):  # MoE: every token through every expert, counted
+        return compress_batches(cfg, loaded.model, loaded.adapter, methods, device, batches, progress)
 
 
 def check_seq_len(cfg: LlmcConfig, loaded: LoadedModel, calibrates: bool) -> None:
@@ -182,6 +192,7 @@ def results_dict(result: RunResult, device: torch.device) -> dict:
         "calib_seed": result.config.calib_seed if result.config.calib else None,
         "timings_s": result.timings,
         "sparse": result.methods,
+        "moe_routing": moe_routing(result.model),
         "environment": {
             "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
             "torch": torch.__version__,
@@ -204,5 +215,6 @@ def write_outputs(result: RunResult, out_path: Path, device: torch.device) -> No
             folder = tmp / exporter.folder
             folder.mkdir()
             exporter.write(result.model, result.tokenizer, folder, result.config)
+            copy_processor_files(getattr(result.model, "name_or_path", None), folder)
             log.info("wrote %s checkpoint to %s", exporter.key, out_path / exporter.folder)
     log.info("results written to %s", out_path / "results.json")

@@ -92,7 +92,38 @@ def save_hf_model(
         model.save_pretrained(folder, state_dict=state, safe_serialization=True)
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(folder)
+    copy_processor_files(getattr(model, "name_or_path", None), folder)
     log.info("wrote %s model to %s", "fake-quantized" if fake else "transformed", folder)
+
+
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                   "chat_template.json", "chat_template.jinja")
+
+
+def copy_processor_files(source: str | None, folder: Path) -> list[str]:
+    """Copy the source checkpoint's processor files (image processor, processor, chat template)
+    that the tokenizer did not write, so the saved folder loads with its processor."""
+    copied = []
+    for name in PROCESSOR_FILES if source else ():
+        path = _source_file(str(source), name)
+        if path is not None and not (folder / name).exists():
+            shutil.copyfile(path, folder / name)
+            copied.append(name)
+    return copied
+
+
+def _source_file(source: str, name: str) -> str | None:
+    """`name` in a local checkpoint folder, or in the hub cache for a hub id (never downloads)."""
+    if os.path.isdir(source):
+        path = os.path.join(source, name)
+        return path if os.path.isfile(path) else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(source, name)
+    except (ValueError, OSError):
+        return None
+    return path if isinstance(path, str) else None
 
 
 def write_json(path: Path, data: dict) -> None:

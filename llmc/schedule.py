@@ -52,13 +52,16 @@ def block_targets(ignored: IgnoredLayers, adapter: ModelAdapter, block: nn.Modul
 
 
 def resolve_block_out(cfg: LlmcConfig, methods: list[CompressionMethod]) -> bool:
-    """Whether the next block is fed from the processed block's outputs: `quant.quant_out` as given,
-    else true when a quantization method asks for it (GPTQ); `sparse.sparsity_out` without quant."""
-    if cfg.quant is not None:
-        if cfg.quant.quant_out is not None:
-            return cfg.quant.quant_out
-        return any(isinstance(m, QuantMethod) and m.prefers_quant_out for m in methods)
-    return cfg.sparse is not None and cfg.sparse.sparsity_out
+    """Whether the next block is fed from the processed block's outputs: `quant.quant_out` as given;
+    else true when `sparse.sparsity_out` is (by default when the sparse method asks for it: Wanda,
+    SparseGPT) or a quantization method asks for it (GPTQ)."""
+    if cfg.quant is not None and cfg.quant.quant_out is not None:
+        return cfg.quant.quant_out
+    if cfg.sparse is not None and cfg.sparse.sparsity_out is not None:
+        pruned_out = cfg.sparse.sparsity_out
+    else:
+        pruned_out = any(isinstance(m, SparseMethod) and m.prefers_sparsity_out for m in methods)
+    return pruned_out or any(isinstance(m, QuantMethod) and m.prefers_quant_out for m in methods)
 
 
 def check_methods(cfg: LlmcConfig, methods: list[CompressionMethod], model: nn.Module, adapter: ModelAdapter) -> None:

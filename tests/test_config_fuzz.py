@@ -22,6 +22,8 @@ from llmc.config.schema import (
     ModelSection,
     QuantSection,
     SaveSection,
+    SparseSection,
+    SparseWeightSection,
     WeightQuantSection,
 )
 from llmc.errors import ConfigError
@@ -30,10 +32,11 @@ from llmc.errors import ConfigError
 
 SECTIONS: dict[str, type] = {
     "base": BaseSection, "model": ModelSection, "calib": CalibSection, "eval": EvalSection,
-    "quant": QuantSection, "save": SaveSection,
+    "quant": QuantSection, "sparse": SparseSection, "save": SaveSection,
 }
 FIELD_NAMES = sorted(
-    {n for m in (*SECTIONS.values(), WeightQuantSection, ActQuantSection, IgnoredLayers) for n in m.model_fields}
+    {n for m in (*SECTIONS.values(), WeightQuantSection, ActQuantSection, IgnoredLayers, SparseWeightSection)
+     for n in m.model_fields}
 )
 ALL_KEYS = sorted(set(FIELD_NAMES) | set(SECTIONS))
 PLAUSIBLE = [
@@ -77,6 +80,9 @@ VALID: dict[str, list] = {
     "save_mlcllm": [True, False], "save_gptq": [True, False], "quant_type": ["int-quant", "float-quant"],
     "weight": [{}, {"bit": 3}], "act": [None, {}, {"static": True, "granularity": "per_tensor"}],
     "ignored_layers": [{}, {"block_ids": ["0-1"]}],
+    "moe_all_experts": [True, False], "moe_min_tokens": [0, 128],
+    "sparsity": [None, 0.5, 0.0], "pattern": ["unstructured", "2:4", "4:8"], "layer_sparsity": [None, [0.5], "owl"],
+    "owl_lambda": [0.08], "owl_m": [5.0], "n_prune_layers": [None, 1, 4], "sparsity_out": [None, True, False],
 }
 SUBSECTIONS = {"weight": WeightQuantSection, "act": ActQuantSection, "ignored_layers": IgnoredLayers}
 
@@ -92,6 +98,10 @@ def section_dicts(draw, model: type, noise: int):
             out[name] = draw(st.one_of(st.sampled_from(PLAUSIBLE), trees))
         elif name in SUBSECTIONS and model is QuantSection and draw(st.integers(0, 4)) > 0:
             out[name] = draw(section_dicts(SUBSECTIONS[name], noise))
+        elif name == "weight" and model is SparseSection and draw(st.integers(0, 4)) > 0:
+            out[name] = draw(section_dicts(SparseWeightSection, noise))
+        elif model is SparseSection and name == "method":
+            out[name] = draw(st.sampled_from(["Wanda", "SparseGPT", "Magnitude", "ShortGPT"]))
         elif model is ModelSection and name == "path":
             out[name] = "some/model"
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -59,3 +60,51 @@ def test_failure_leaves_no_output(tiny_llama_dir, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         _run(tiny_llama_dir, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning")
+def test_llava_folders_load_with_their_processor(tmp_path):
+    """A multi-modal source folder's processor (image processor, chat template) is copied to the
+    saved folders, which run an image and text through the processor and the reloaded model."""
+    import numpy as np
+    from conftest import build_tokenizer
+    from PIL import Image
+    from transformers import (
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        CLIPImageProcessor,
+        CompressedTensorsConfig,
+        LlavaProcessor,
+    )
+    from zoo.dense_b import llava
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(llava(len(tokenizer)), dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template="{{ messages[0].content }}")
+    source, out = tmp_path / "source", tmp_path / "out"
+    model.save_pretrained(source)
+    processor.save_pretrained(source)
+    cfg = tiny_config(source, quant={"method": "RTN", "weight": {"bit": 4, "granularity": "per_group", "group_size": 32}},
+                      save={"save_trans": True, "save_fake": True, "save_vllm": True, "save_path": str(out)})
+    del cfg["eval"]
+    result = compress(cfg, progress=False)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28, 3), dtype=np.uint8))
+    for folder, quantized in ((FAKE_DIR, True), (TRANS_DIR, False), ("vllm_quant_model", True)):
+        loaded_processor = AutoProcessor.from_pretrained(out / folder)
+        assert loaded_processor.chat_template == processor.chat_template
+        inputs = loaded_processor(images=image, text="<image> the cat sat", return_tensors="pt")
+        assert int((inputs["input_ids"] == len(tokenizer) - 1).sum()) == 4
+        extra = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if "vllm" in folder else {}
+        loaded = AutoModelForImageTextToText.from_pretrained(out / folder, dtype=torch.float32, **extra).eval()
+        with torch.no_grad(), contextlib.nullcontext() if quantized else quant_disabled(result.model):
+            expected = result.model(**inputs).logits
+            torch.testing.assert_close(loaded(**inputs).logits, expected, rtol=1e-5, atol=1e-5)

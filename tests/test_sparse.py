@@ -83,7 +83,8 @@ def test_zeros_survive_other_quantizers(tiny_llama_dir, quant):
 
 def test_wanda_mask_equals_direct_ranking(tiny_llama_dir, tiny_tokenizer):
     dense = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    result = run(tiny_llama_dir, {"method": "Wanda", "weight": {"sparsity": 0.5}})
+    # With the dense model's activations feeding every block, each block's inputs are the dense model's.
+    result = run(tiny_llama_dir, {"method": "Wanda", "weight": {"sparsity": 0.5}, "sparsity_out": False})
     c = result.config.calib
     batches = build_calibration(read_documents(bundled_path("wikitext2", "calib")), result.tokenizer, c.n_samples,
                                 c.seq_len, c.bs, c.preproc, result.config.calib_seed)
@@ -165,6 +166,24 @@ def test_layer_sparsity_list_and_bad_configs(tiny_llama_dir):
         run(tiny_llama_dir, {"method": "Wanda"})
     with pytest.raises(ConfigError, match="pattern"):
         load_config({"model": {"path": "x"}, "sparse": {"method": "Wanda", "weight": {"pattern": "4:2"}}})
+
+
+def test_sparsity_out_defaults():
+    from llmc.schedule import build_methods, resolve_block_out
+
+    def block_out(sparse, quant=None):
+        cfg = load_config({"model": {"path": "x"}, "sparse": sparse, **({"quant": quant} if quant else {})})
+        return resolve_block_out(cfg, build_methods(cfg))
+
+    half = {"sparsity": 0.5}
+    assert block_out({"method": "Wanda", "weight": half}) is True
+    assert block_out({"method": "SparseGPT", "weight": half}) is True
+    assert block_out({"method": "Magnitude", "weight": half}) is False
+    assert block_out({"method": "ShortGPT", "weight": {"n_prune_layers": 1}}) is False
+    assert block_out({"method": "Wanda", "weight": half, "sparsity_out": False}) is False
+    rtn = {"method": "RTN", "weight": {"bit": 4}}
+    assert block_out({"method": "Magnitude", "weight": half}, rtn) is False
+    assert block_out({"method": "Wanda", "weight": half}, {**rtn, "quant_out": False}) is False
 
 
 def test_fake_quant_modules_count_unchanged_by_pruning(tiny_llama_dir):

@@ -98,6 +98,15 @@ class CalibSection(Section):
     preproc: str = Field("general", description="general (random windows) or padded_docs.")
     seed: int | None = Field(None, description="Seed for sampling; defaults to base.seed.")
     text_key: str = Field("text", description="Field holding the text in .json/.jsonl/.parquet files.")
+    moe_all_experts: bool = Field(
+        True, description="MoE models: while calibrating, run every token through every expert (the block output "
+        "still combines only the routed experts), so each expert is quantized from all calibration tokens; false: "
+        "each expert sees only the tokens its router sends it (and its gate/up inputs are not scaled by AWQ/SmoothQuant)."
+    )
+    moe_min_tokens: int = Field(
+        128, ge=0, description="MoE models: experts the router sends fewer calibration tokens than this are named in "
+        "a warning (the per-expert counts are in results.json under moe_routing); 0 = never."
+    )
 
     @field_validator("bs")
     @classmethod
@@ -278,8 +287,9 @@ class SparseSection(Section):
 
     method: str = Field(..., description="Magnitude, Wanda, SparseGPT or ShortGPT.")
     weight: SparseWeightSection = Field(default_factory=SparseWeightSection)
-    sparsity_out: bool = Field(
-        False, description="Feed the next block from the pruned block's outputs (else from the dense ones)."
+    sparsity_out: bool | None = Field(
+        None, description="Feed the next block from the pruned block's outputs (else from the dense ones); "
+        "default: true for Wanda and SparseGPT (the papers' procedure), false otherwise."
     )
     special: dict[str, Any] = Field(default_factory=dict, description="Method-specific keys.")
     ignored_layers: IgnoredLayers = Field(default_factory=IgnoredLayers)

@@ -17,6 +17,9 @@ Dtype and bit-equality: scales are stored in the model's dtype, as compressed-te
 initializes them. For float32 models that is exact. For fp16/bf16 models FakeQuantLinear
 rounds its scales to that dtype (`IntQuantizer.scale_dtype`, `representable_scale`), so compressed-tensors'
 dequantization `(code - zero) * scale` in that dtype equals llmc's fake-quantized weight.
+
+Pruned models (a `sparse:` section, with or without quant) are written as `llmc.export.ct_sparse`
+describes: zeros stored as they are, the sparsity recorded under config.json's `llmc_sparsity`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from llmc.config.schema import LlmcConfig
 from llmc.errors import ConfigError
 from llmc.export.base import Exporter, register_exporter
 from llmc.export.ct_scheme import ct_format, ct_scheme, is_float, unsupported
+from llmc.export.ct_sparse import add_sparsity_record, sparsity_record, write_pruned_dense
 from llmc.quant.fake_linear import FakeQuantLinear, fake_quant_modules
 
 log = logging.getLogger("llmc")
@@ -100,11 +104,16 @@ def write_checkpoint(model: nn.Module, tokenizer: object, folder: Path, cfg: Llm
     """Write a complete compressed-tensors checkpoint folder (config, safetensors, tokenizer)."""
     from compressed_tensors.compressors import ModelCompressor
 
+    if cfg.quant is None:
+        write_pruned_dense(model, tokenizer, folder, cfg)
+        return
     if not fake_quant_modules(model):
         raise ConfigError("the model has no quantized linears to export; check quant.ignored_layers")
+    record = sparsity_record(model, cfg)
     state, ignore = compressed_state_dict(model, cfg)
     model.save_pretrained(folder, state_dict=state, safe_serialization=True)
     ModelCompressor(quantization_config=quantization_config(cfg, ignore)).update_config(str(folder))
+    add_sparsity_record(folder, record)
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(folder)
 

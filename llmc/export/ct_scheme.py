@@ -33,7 +33,9 @@ def unsupported(cfg: LlmcConfig) -> str | None:
     """Why `cfg` cannot be written as a compressed-tensors checkpoint (with the fix), or None."""
     quant = cfg.quant
     if quant is None:
-        return "there is no quant section to export; add quant (e.g. RTN, 4-bit weights)"
+        if cfg.sparse is not None:
+            return None  # a pruned float model: written dense (llmc.export.ct_sparse)
+        return "there is no quant or sparse section to export; add quant (e.g. RTN, 4-bit weights)"
     w, a = quant.weight, quant.act
     split = split_fused(quant)
     if split:

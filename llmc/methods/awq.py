@@ -125,7 +125,8 @@ class AWQ(QuantMethod):
                        else _record(ctx, [(g.inspect, mods) for g, mods, _ in scaled], searched, clip_tokens=0))
             del observed
             for (group, mods, prev), record in zip(scaled, records, strict=True):
-                self._scale_group(ctx, group, mods, prev, record)
+                if record.x_mean is not None:  # None: no token reached the group (an MoE expert never routed to)
+                    self._scale_group(ctx, group, mods, prev, record)
             del records
         if sp.weight_clip and self.weight_quantizer.granularity != "per_tensor":
             clipped = [(g, {n: m for n, m in mods.items() if isinstance(m, nn.Linear)}) for g, mods in ctx.groups()]
@@ -133,7 +134,8 @@ class AWQ(QuantMethod):
             # Inputs re-recorded once, after every scale is folded.
             records = _record(ctx, [(g.inspect, mods) for g, mods in clipped], searched, self.clip_tokens)
             for (group, mods), record in zip(clipped, records):
-                self._clip_group(ctx, group.inspect, mods, record)
+                if record.sample is not None:  # None: no token reached the group
+                    self._clip_group(ctx, group.inspect, mods, record)
             del records
         for name in ctx.targets:
             self.wrap_linear(ctx, name)
@@ -351,8 +353,8 @@ class _MeanAbs:
         self.total = part if self.total is None else self.total + part
         self.count += rows.shape[0]
 
-    def mean(self, device: torch.device) -> Tensor:
-        return self.total.to(device) / max(self.count, 1)
+    def mean(self, device: torch.device) -> Tensor | None:
+        return self.total.to(device) / self.count if self.count else None
 
 
 class _Sampler:
@@ -366,8 +368,10 @@ class _Sampler:
         self.parts.append(rows[(-self.seen) % self.step :: self.step].to(self.device, torch.float32))
         self.seen += rows.shape[0]
 
-    def rows(self) -> Tensor:
-        return torch.cat(self.parts)[: self.n]
+    def rows(self) -> Tensor | None:
+        """None when no row was sampled (no token reached the group in the searched batches)."""
+        rows = torch.cat(self.parts)[: self.n] if self.parts else None
+        return rows if rows is not None and len(rows) else None
 
 
 def _output_error(module: nn.Module, calls: list[ModuleCall], masks: list[Tensor | None]) -> float:

@@ -94,4 +94,8 @@ def group_hessians(
     with ctx.hook_inputs(first, add, only_real_tokens=True):
         # groups are in execution order; later layers are not needed
         recorded = ctx.forward_until(first[-1], inclusive=False, replay=replay, record=record)
-    return [sums[n].mul_(2 / max(tokens[n], 1)) for n in first], recorded
+    # A group no token reached (an MoE expert its router never chose, calibrated on routed tokens only)
+    # has no statistics: the identity (no preference among columns) makes the solve plain rounding,
+    # where a zero Hessian would mark every column dead and zero the weight.
+    return [sums[n].mul_(2 / tokens[n]) if tokens[n] else torch.eye(group[0][1].in_features, device=ctx.device)
+            for n, group in zip(first, groups)], recorded

@@ -26,10 +26,9 @@ from llmc.errors import ConfigError, ModelError
 from llmc.methods.base import NoSpecial
 from llmc.methods.lifecycle import CompressionMethod
 from llmc.pipeline.blockwise import BlockContext
+from llmc.quant.fake_linear import PRUNED  # the pruned mark; FakeQuantLinear carries it
 
 SPARSE_METHODS: dict[str, type[SparseMethod]] = {}
-PRUNED = "llmc_pruned"
-"""Attribute set on a pruned linear: a later quantization (GPTQ) keeps its zeros."""
 
 
 def prune_mask(scores: Tensor, sparsity: float, n_m: tuple[int, int] | None) -> Tensor:
@@ -80,6 +79,8 @@ class SparseMethod(CompressionMethod):
     """A pruning method: `scores` per linear, or its own `process_block` (SparseGPT, ShortGPT)."""
 
     Special: ClassVar[type[BaseModel]] = NoSpecial
+    prefers_sparsity_out: ClassVar[bool] = False
+    """Whether blocks should by default see the pruned earlier blocks' outputs (`sparse.sparsity_out`)."""
     prunes_weights: ClassVar[bool] = True
     """False for methods that remove whole blocks (ShortGPT) instead of zeroing weights."""
 
@@ -98,6 +99,7 @@ class SparseMethod(CompressionMethod):
         """OWL: per block, the fraction of outlier scores (from the statistics pass)."""
         self.pruned: dict[str, tuple[int, int]] = {}
         """Per pruned linear (full name): (zeros, weights), for results.json."""
+        self.stage_seconds: dict[str, float] = {}
 
     @property
     def wants_statistics_pass(self) -> bool:

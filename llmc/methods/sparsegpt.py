@@ -76,6 +76,8 @@ def sparsegpt_prune(
 @register_sparse_method
 class SparseGPT(SparseMethod):
     name = "SparseGPT"
+    # SmolLM2-135M, WikiText-2: 50% 42.01 with, 43.75 without; 2:4 88.4 with, 104.8 without.
+    prefers_sparsity_out = True
     Special = SparseGptSpecial
 
     def __init__(self, sparse) -> None:

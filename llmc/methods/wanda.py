@@ -29,6 +29,8 @@ def wanda_scores(weight: Tensor, sq_sum: Tensor) -> Tensor:
 @register_sparse_method
 class Wanda(SparseMethod):
     name = "Wanda"
+    # SmolLM2-135M, WikiText-2: 50% 47.65 with, 48.01 without; 2:4 181.4 with, 182.6 without.
+    prefers_sparsity_out = True
     _observed: tuple[int, dict[str, Tensor]] | None = None
 
     @contextlib.contextmanager

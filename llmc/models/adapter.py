@@ -9,9 +9,10 @@ observes them. This is llmc's `get_subsets_in_block` and GPTQModel's `module_tre
 Names may hold `#`, expanded for each index of the module list at that place in each block
 (`mlp.experts.#.gate_proj`): a group whose `prev_op` and `inspect` carry no `#` gathers
 every index's linears (they share the input), one whose `inspect` carries `#` becomes one
-group per index. A group absent from a block (a dense layer of an MoE model) is skipped
-there. Named roles (`ModelRoles`, `BlockRoles`) let model-level methods (rotations, layer
-removal, norm tweaking) reach the embedding, norms and projections without naming modules.
+group per index. A group absent from a block (a dense layer of an MoE model), or declared
+for another layout of the same linears (`only_with` / `only_without`), is skipped there.
+Named roles (`ModelRoles`, `BlockRoles`) let model-level methods (rotations, layer removal,
+norm tweaking) reach the embedding, norms and projections without naming modules.
 An optional `prepare` step rewrites what a declaration cannot say (Gemma's `1 + w` norms,
 fused 3-D expert parameters) into plain modules, and `restore` writes the checkpoint's own
 layout back before saving.
@@ -20,6 +21,7 @@ layout back before saving.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,13 +42,32 @@ class LinearGroup:
     linears: tuple[str, ...]
     prev_op: str | None
     inspect: str
-    """Module (relative to the block) whose forward produces these linears' outputs."""
+    """Module (relative to the block) whose forward produces these linears' outputs; `""` is the
+    block itself (parallel attention: one norm feeds both the attention and the MLP)."""
     also_reads: tuple[str, ...] = ()
     """Float modules reading the same input (MoE routers): a scale folded into `prev_op` is
     folded into their weight columns too; they are never quantized."""
+    only_with: tuple[str, ...] = ()
+    only_without: tuple[str, ...] = ()
+    """Block modules that must be present (`only_with`) or absent (`only_without`) for the group
+    to apply: they tell apart layouts with the same linears (Falcon's parallel or sequential
+    attention, StableLM's parallel residual), each a group of its own."""
+    when: Callable[[nn.Module], bool] | None = None
+    """A condition on the block's state rather than its layout: the group applies only where
+    `when(block)` holds (MoE: whether calibration runs every token through every expert, which
+    decides which expert linears share one input; see llmc.models.moe)."""
 
     def is_indexed(self) -> bool:
         return any(INDEX in n for n in (*self.linears, self.inspect, self.prev_op or ""))
+
+    def is_conditional(self) -> bool:
+        return bool(self.only_with or self.only_without) or self.when is not None
+
+    def fits(self, block: nn.Module) -> bool:
+        """Whether `block` has the layout this group is declared for (see `only_with`)."""
+        return all(get_submodule_or_none(block, n) is not None for n in self.only_with) and all(
+            get_submodule_or_none(block, n) is None for n in self.only_without
+        ) and (self.when is None or self.when(block))
 
 
 @dataclass(frozen=True)
@@ -103,6 +124,11 @@ class ModelAdapter:
     """Whether the model's decoder loop reads `outputs[0]` of each block (BLOOM, Falcon)."""
     logit_softcap: str | None = None
     """Config attribute holding a final-logit soft cap (`cap * tanh(logits / cap)`), if any."""
+    lm_head_divisor: str | None = None
+    """Config attribute the final hidden states are divided by before the LM head (the last head
+    module), if any (MiniCPM's `logits_scaling`)."""
+    auto_class: str = "AutoModelForCausalLM"
+    """The transformers Auto class that loads the checkpoint (LLaVA: AutoModelForImageTextToText)."""
     prepare: Callable[[nn.Module], None] | None = None
     """Rewrites the loaded model into plain modules the declaration describes (e.g. fused
     experts into per-expert linears); run once after loading."""
@@ -121,6 +147,8 @@ class ModelAdapter:
         """The groups of this block: `#` expanded, groups the block lacks left out."""
         out = []
         for group in self.groups:
+            if not group.fits(block):
+                continue
             for g in expand_group(group, block):
                 if all(get_submodule_or_none(block, n) is not None for n in g.linears):
                     out.append(g)
@@ -169,7 +197,11 @@ class ModelAdapter:
 
     def apply_head(self, model: nn.Module, hidden: Tensor) -> Tensor:
         """Logits from the last block's output: the head modules in order, then any soft cap."""
-        for module in self.head_modules(model):
+        modules = self.head_modules(model)
+        divisor = getattr(model.config, self.lm_head_divisor, None) if self.lm_head_divisor else None
+        for index, module in enumerate(modules):
+            if divisor and index == len(modules) - 1:
+                hidden = hidden / divisor
             hidden = module(hidden)
         cap = getattr(model.config, self.logit_softcap, None) if self.logit_softcap else None
         if cap:
@@ -200,7 +232,9 @@ class ModelAdapter:
                             f"adapter {self.name} declares linear {name!r} in each block, but this model's block "
                             f"has {type(module).__name__}; set model.type to the adapter of this architecture"
                         )
-        missing = [g.name for g in self.groups if _base_name(g.name) not in {_base_name(s) for s in seen}]
+        # a group of another layout (`only_with`/`only_without`) may be absent from every block
+        missing = [g.name for g in self.groups
+                   if not g.is_conditional() and _base_name(g.name) not in {_base_name(s) for s in seen}]
         if missing:
             first = missing[0]
             linear = next(g for g in self.groups if g.name == first).linears[0]
@@ -233,17 +267,17 @@ def expand_group(group: LinearGroup, block: nn.Module) -> list[LinearGroup]:
     if INDEX in group.inspect:
         count = index_count(block, group.inspect)
         return [
-            LinearGroup(
+            dataclasses.replace(
+                group,
                 name=f"{group.name}.{i}",
                 linears=tuple(n.replace(INDEX, str(i)) for n in group.linears),
                 prev_op=group.prev_op.replace(INDEX, str(i)) if group.prev_op else None,
                 inspect=group.inspect.replace(INDEX, str(i)),
-                also_reads=group.also_reads,
             )
             for i in range(count)
         ]
     linears = tuple(n for pattern in group.linears for n in expand_name(pattern, block))
-    return [LinearGroup(group.name, linears, group.prev_op, group.inspect, group.also_reads)] if linears else []
+    return [dataclasses.replace(group, linears=linears)] if linears else []
 
 
 def get_submodule_or_none(root: nn.Module, name: str) -> nn.Module | None:

@@ -12,6 +12,7 @@ from torch import nn
 from llmc.config.schema import ModelSection
 from llmc.errors import ModelError
 from llmc.models.adapter import ModelAdapter
+from llmc.models.convert import find_converter, load_tokenizer, remote_code_error
 from llmc.models.registry import get_adapter
 
 log = logging.getLogger("llmc")
@@ -57,10 +58,14 @@ def resolve_adapter(cfg: ModelSection) -> ModelAdapter:
     """Read only the model's config to pick the adapter (fails fast on unsupported architectures)."""
     from transformers import AutoConfig
 
+    if find_converter(cfg) is not None:  # remote-code layout converted to Llama on load (llmc/models/convert)
+        return get_adapter(cfg.type, "llama")
     kwargs = _common_kwargs(cfg)
     try:
         hf_config = AutoConfig.from_pretrained(expand(cfg.path), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
+        if (remote := remote_code_error(cfg)) is not None:
+            raise remote from None
         raise ModelError(
             f"cannot read the model config at {cfg.path} ({_first_line(exc)}); "
             f"point model.path at a HF model folder with config.json (or a GGUF via model.gguf_file)"
@@ -69,16 +74,19 @@ def resolve_adapter(cfg: ModelSection) -> ModelAdapter:
 
 
 def load_model(cfg: ModelSection) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import transformers
+    from transformers import AutoTokenizer
 
     check_model_paths(cfg)
     adapter = resolve_adapter(cfg)
+    converter = find_converter(cfg)
     kwargs = _common_kwargs(cfg)
     dtype = DTYPES.get(cfg.torch_dtype, "auto")
     if cfg.gguf_file and dtype == "auto":
         dtype = torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(expand(cfg.path), dtype=dtype, **kwargs)
+        auto = getattr(transformers, adapter.auto_class)  # AutoModelForCausalLM but for multi-modal families
+        model = converter.load(cfg) if converter else auto.from_pretrained(expand(cfg.path), dtype=dtype, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"cannot load the model at {cfg.path} ({_first_line(exc)}); check model.path") from None
     if cfg.gguf_file:
@@ -95,7 +103,8 @@ def load_model(cfg: ModelSection) -> LoadedModel:
     if cfg.tokenizer_path and cfg.tokenizer_path != cfg.path:
         tok_kwargs.pop("gguf_file", None)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_path, use_fast=cfg.tokenizer_mode == "fast", **tok_kwargs)
+        tokenizer = load_tokenizer(cfg) if converter else AutoTokenizer.from_pretrained(  # converted: no remote code
+            tok_path, use_fast=cfg.tokenizer_mode == "fast", **tok_kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(
             f"cannot load the tokenizer at {tok_path} ({_first_line(exc)}); set model.tokenizer_path"

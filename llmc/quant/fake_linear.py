@@ -24,6 +24,9 @@ from llmc.quant.fp8 import FP8Quantizer
 from llmc.quant.quantizer import IntQuantizer, representable_scale
 
 Quantizer = IntQuantizer | FP8Quantizer
+PRUNED = "llmc_pruned"
+"""Attribute set on a pruned linear (`llmc.methods.sparse_base.mark_pruned`): a later quantization (GPTQ)
+keeps its zeros, and the export records the sparsity; a FakeQuantLinear keeps the mark of the linear it wraps."""
 
 
 class FakeQuantLinear(nn.Module):
@@ -39,6 +42,8 @@ class FakeQuantLinear(nn.Module):
         self.out_features = linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
+        if getattr(linear, PRUNED, False):
+            setattr(self, PRUNED, True)
         self.weight_quantizer = weight_quantizer.for_dtype(linear.weight.dtype)
         self.act_quantizer = act_quantizer
         self.act_static = act_static
@@ -87,6 +92,8 @@ class FakeQuantLinear(nn.Module):
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight = self.weight
         linear.bias = self.bias
+        if getattr(self, PRUNED, False):
+            setattr(linear, PRUNED, True)
         return linear
 
     def quantize_input(self, x: Tensor) -> Tensor:
