@@ -48,9 +48,9 @@ def parse(xml: Path) -> dict[str, dict[str, dict]]:
         if "[" not in name:
             continue
         test, params = name.split("[", 1)
-        params = params.rstrip("]").split("-")
-        family = params[0]
-        key = test if len(params) == 1 else f"{test}[{params[1]}]"
+        params = params.rstrip("]")
+        method, _, rest = params.partition("-")
+        family, key = (rest, f"{test}[{method}]") if method in ("AWQ", "SmoothQuant") else (params, test)
         if key not in CHECKS:
             continue
         outcome = "failed" if case.find("failure") is not None or case.find("error") is not None else (
