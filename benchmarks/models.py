@@ -28,8 +28,8 @@ CHECKS = {
     "test_adapter_covers_the_model_and_block_loop_matches": "coverage + block loop",
     "test_scale_folding_keeps_the_function[AWQ]": "AWQ folding",
     "test_scale_folding_keeps_the_function[SmoothQuant]": "SmoothQuant folding",
-    "test_gptq_runs": "GPTQ",
-    "test_rtn_saves_fake_and_compressed_tensors": "RTN, save_fake + compressed-tensors reload",
+    "test_rtn_runs": "RTN",
+    "test_gptq_saves_fake_and_compressed_tensors": "GPTQ, save_fake + compressed-tensors reload",
 }
 
 

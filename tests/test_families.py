@@ -6,9 +6,9 @@ its transformers config class (tests/zoo/):
 - the block loop (captured per-layer inputs, one block at a time, the adapter's head) gives the
   model's own logits to 1e-5;
 - AWQ's and SmoothQuant's scale folding, with quantization switched off, keep the logits to 1e-4;
-- RTN, GPTQ, AWQ and SmoothQuant run; the save_fake folder reloads with the family's Auto class
-  and gives the in-memory logits; the compressed-tensors folder loads through transformers and
-  gives the same logits.
+- RTN, GPTQ, AWQ and SmoothQuant run; GPTQ's save_fake folder reloads with the family's Auto
+  class and gives the in-memory logits; its compressed-tensors folder loads through transformers
+  and gives the same logits.
 """
 
 from __future__ import annotations
@@ -121,18 +121,18 @@ def test_scale_folding_keeps_the_function(spec, folder, method):
 
 
 @params()
-def test_gptq_runs(spec, folder):
-    result = run(spec, folder, w4("GPTQ", spec))
+def test_rtn_runs(spec, folder):
+    result = run(spec, folder, w4("RTN", spec))
     assert torch.isfinite(logits(result.model, ids_for(folder))).all()
 
 
 @params()
-def test_rtn_saves_fake_and_compressed_tensors(spec, folder, tmp_path):
+def test_gptq_saves_fake_and_compressed_tensors(spec, folder, tmp_path):
     out = tmp_path / "out"
     save = {"save_fake": True, "save_path": str(out)}
     if "ct_export" not in spec.skip:
         save["save_vllm"] = True
-    quant = dict(w4("RTN", spec))
+    quant = dict(w4("GPTQ", spec))
     quant["weight"]["symmetric"] = True
     result = run(spec, folder, quant, save)
     ids = ids_for(folder)

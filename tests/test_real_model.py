@@ -24,7 +24,7 @@ from llmc.models import load_model
 
 pytestmark = pytest.mark.real_model
 
-N_WINDOWS = 4
+N_WINDOWS = 2
 SEQ_LEN = 2048
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[1]
