@@ -61,8 +61,7 @@ def parse(xml: Path) -> dict[str, dict[str, dict]]:
 
 def adapter_lines() -> dict[str, tuple[str, int]]:
     """Adapter name -> (its module, lines of that module)."""
-    from llmc.models import ADAPTERS
-    from llmc.models import families
+    from llmc.models import ADAPTERS, families
 
     found = {}
     for module_path in Path(families.__file__).parent.glob("*.py"):

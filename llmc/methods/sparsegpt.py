@@ -89,6 +89,18 @@ class SparseGPT(SparseMethod):
                 f"pattern {sparse.weight.pattern}; use a blocksize such as 128"
             )
 
+    def extra_device_bytes(self, model, adapter, calib_tokens: int) -> int:
+        """Every group's float32 Hessian at once (one forward measures them all), plus the largest
+        group's working set: a copy of H, its inverse factor and three float32 `[rows, in]`."""
+        peak = 0
+        for block in adapter.get_blocks(model):
+            sizes = [(block.get_submodule(g.linears[0]).in_features,
+                      sum(block.get_submodule(n).out_features for n in g.linears)) for g in adapter.block_groups(block)]
+            held = sum(4 * i * i for i, _ in sizes)
+            work = max((4 * (2 * i * i + 3 * i * r) for i, r in sizes), default=0)
+            peak = max(peak, held + work)
+        return peak
+
     @torch.no_grad()
     def process_block(self, ctx: BlockContext) -> None:
         groups = [list(mods.items()) for _, mods in ctx.groups()]
