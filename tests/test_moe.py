@@ -152,6 +152,31 @@ def test_restore_round_trips(spec_id, folders, tmp_path):
     assert experts and all(not list(m.fused.parameters(recurse=False)) for m in experts)
 
 
+@pytest.mark.parametrize("spec_id", ["mixtral", "qwen2_moe"])
+def test_compressed_tensors_ignore_names_the_checkpoints_routers(spec_id, folders, tmp_path):
+    """vLLM matches `ignore` against the checkpoint's module names: every router there must match,
+    and no quantized linear may."""
+    import json
+    import re
+
+    from safetensors import safe_open
+
+    quant = w4("RTN")
+    quant["weight"]["symmetric"] = True
+    run(folders[spec_id, False], quant, tmp_path, {"save_vllm": True})
+    folder = tmp_path / "out" / "vllm_quant_model"
+    ignore = json.loads((folder / "config.json").read_text())["quantization_config"]["ignore"]
+    patterns = [re.compile(p[3:]) for p in ignore if p.startswith("re:")]
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    modules = {k.rsplit(".", 1)[0] for k in keys}
+    routers = {m for m in modules if m.endswith((".gate", ".shared_expert_gate"))}
+    quantized = {k.rsplit(".", 1)[0] for k in keys if k.endswith(".weight_packed")}
+    assert routers and quantized
+    assert all(any(p.match(m) for p in patterns) for m in routers), (routers, ignore)
+    assert not any(p.match(m) for p in patterns for m in quantized)
+
+
 @pytest.fixture
 def observed(monkeypatch) -> dict[tuple[int, str], int]:
     """Rows each hooked linear input got through `BlockContext.hook_inputs`, per (block, name)."""

@@ -25,6 +25,7 @@ describes: zeros stored as they are, the sparsity recorded under config.json's `
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -85,8 +86,20 @@ def compressed_state_dict(model: nn.Module, cfg: LlmcConfig) -> tuple[dict[str, 
             del state[key]
         local = compressor.compress(module_state(module, cfg.quant, dtype), scheme)
         state.update({f"{name}.{k}": v.contiguous() for k, v in local.items()})
-    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] + float_role_patterns(model, cfg)
     return state, ignore
+
+
+def float_role_patterns(model: nn.Module, cfg: LlmcConfig) -> list[str]:
+    """`ignore` patterns for the modules the adapter leaves float on purpose (MoE routers). They are
+    matched by their last name only, because the checkpoint may name their parents differently from
+    the loaded model (transformers saves Mixtral's `mlp.gate` as `block_sparse_moe.gate`), and a
+    serving engine that finds a router it is told to quantize but that has no quantized tensors fails."""
+    from llmc.models import get_adapter
+
+    adapter = get_adapter(cfg.model.type, getattr(model.config, "model_type", None))
+    leaves = dict.fromkeys(name.rsplit(".", 1)[-1] for name in adapter.float_linears)
+    return [f"re:.*\\.{re.escape(leaf)}$" for leaf in leaves]
 
 
 def quantization_config(cfg: LlmcConfig, ignore: list[str]):
