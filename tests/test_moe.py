@@ -177,6 +177,18 @@ def test_compressed_tensors_ignore_names_the_checkpoints_routers(spec_id, folder
     assert not any(p.match(m) for p in patterns for m in quantized)
 
 
+def test_wanda_prunes_experts_no_token_reached(folders):
+    """With routed tokens only, a starved expert has no input norm: Wanda still prunes it (by magnitude)."""
+    cfg = tiny_config(folders["mixtral", True], sparse={"method": "Wanda", "weight": {"sparsity": 0.5}})
+    cfg["calib"].update(n_samples=N_SAMPLES, seq_len=SEQ_LEN, bs=1, moe_all_experts=False)
+    del cfg["eval"]
+    result = compress(load_config(cfg), progress=False)
+    for block in result.adapter.get_blocks(result.model):
+        for expert in (2, 3):  # never routed to (see build)
+            w = block.get_submodule(f"mlp.experts.{expert}.w1").weight
+            assert ((w == 0).sum(dim=1) == w.shape[1] // 2).all()
+
+
 @pytest.fixture
 def observed(monkeypatch) -> dict[tuple[int, str], int]:
     """Rows each hooked linear input got through `BlockContext.hook_inputs`, per (block, name)."""

@@ -44,4 +44,7 @@ class Wanda(SparseMethod):
     def scores(self, ctx: BlockContext, names: list[str]) -> dict[str, Tensor]:
         observed, self._observed = self._observed, None
         sums = observed[1] if observed is not None and observed[0] == ctx.index else input_sq_sums(ctx, names)
-        return {n: wanda_scores(ctx.block.get_submodule(n).weight, sums[n]) for n in names}
+        # A linear no calibration token reached (an MoE expert its router never chose, with
+        # calib.moe_all_experts off) has no input norm: rank its weights by magnitude alone.
+        weights = {n: ctx.block.get_submodule(n).weight for n in names}
+        return {n: wanda_scores(w, sums.get(n, torch.ones(w.shape[1], device=w.device))) for n, w in weights.items()}
