@@ -21,16 +21,21 @@ from llmc.models.adapter import ModelAdapter
 from llmc.pipeline.offload import on_device
 
 
-def tree_to(obj: Any, device: torch.device | str) -> Any:
-    """Move every tensor in nested tuples/lists/dicts to `device` (other objects unchanged)."""
+def tree_to(obj: Any, device: torch.device | str, moved: dict[int, Any] | None = None) -> Any:
+    """Move every tensor in nested tuples/lists/dicts to `device` (other objects unchanged). With
+    `moved`, a tensor met again (by identity, e.g. a mask several blocks share) is moved only once."""
     if isinstance(obj, Tensor):
-        return obj.to(device, non_blocking=True)
+        if moved is None:
+            return obj.to(device, non_blocking=True)
+        if id(obj) not in moved:
+            moved[id(obj)] = (obj, obj.to(device, non_blocking=True))  # keep obj alive: ids stay unique
+        return moved[id(obj)][1]
     if isinstance(obj, tuple):
-        return tuple(tree_to(o, device) for o in obj)
+        return tuple(tree_to(o, device, moved) for o in obj)
     if isinstance(obj, list):
-        return [tree_to(o, device) for o in obj]
+        return [tree_to(o, device, moved) for o in obj]
     if isinstance(obj, dict):
-        return {k: tree_to(v, device) for k, v in obj.items()}
+        return {k: tree_to(v, device, moved) for k, v in obj.items()}
     return obj
 
 
@@ -141,8 +146,8 @@ def capture_block_inputs(
     moved: dict[int, Any] = {}
     inputs = BlockInputs(hidden=[], block_args=[], block_kwargs=[])
     for catcher in catchers:
-        inputs.block_args.append([_to_shared(args, store_device, moved) for _, args, _ in catcher.seen])
-        inputs.block_kwargs.append([_to_shared(kwargs, store_device, moved) for _, _, kwargs in catcher.seen])
+        inputs.block_args.append([tree_to(args, store_device, moved) for _, args, _ in catcher.seen])
+        inputs.block_kwargs.append([tree_to(kwargs, store_device, moved) for _, _, kwargs in catcher.seen])
     for (hidden, _, _), batch in zip(catchers[0].seen, batches):
         inputs.hidden.append(hidden.to(store_device))
         mask = batch.get("attention_mask")
@@ -150,17 +155,3 @@ def capture_block_inputs(
     inputs.args, inputs.kwargs = inputs.block_args[0], inputs.block_kwargs[0]
     return inputs
 
-
-def _to_shared(obj: Any, device: torch.device, moved: dict[int, Any]) -> Any:
-    """`tree_to`, moving a tensor that several blocks share once (keyed by identity)."""
-    if isinstance(obj, Tensor):
-        if id(obj) not in moved:
-            moved[id(obj)] = (obj, obj.to(device, non_blocking=True))  # keep obj alive: ids stay unique
-        return moved[id(obj)][1]
-    if isinstance(obj, tuple):
-        return tuple(_to_shared(o, device, moved) for o in obj)
-    if isinstance(obj, list):
-        return [_to_shared(o, device, moved) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _to_shared(v, device, moved) for k, v in obj.items()}
-    return obj
