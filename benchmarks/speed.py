@@ -111,6 +111,7 @@ def llmc_run(folder: Path, name: str, args: argparse.Namespace, base: torch.nn.M
 
     from llmc.config import load_config
     from llmc.models import get_adapter
+    from llmc.pipeline.checkpoint import RunCheckpoint
     from llmc.schedule import build_methods, compress_batches
 
     model = copy.deepcopy(base)  # a fresh copy per run; loading from disk is not what we time
@@ -124,10 +125,17 @@ def llmc_run(folder: Path, name: str, args: argparse.Namespace, base: torch.nn.M
     reset_peak(device)
     profiler = profiling(name in args.profile.split(","), device)
     start = time.perf_counter()
+    checkpoint = RunCheckpoint(Path(args.checkpoint) / name, "speed") if args.checkpoint else None
     with profiler:
-        pipeline = compress_batches(cfg, model, adapter, methods, device, batches, progress=False)
+        pipeline = compress_batches(cfg, model, adapter, methods, device, batches, progress=False,
+                                    checkpoint=checkpoint)
         sync(device)
     seconds = time.perf_counter() - start
+    extra = {}
+    if checkpoint is not None:  # resume checkpoints after every block: what they cost
+        extra = {"checkpoint_s": checkpoint.write_seconds,
+                 "checkpoint_gib": sum(p.stat().st_size for p in checkpoint.folder.iterdir()) / 2**30}
+        checkpoint.remove()
     if isinstance(profiler, torch.profiler.profile):
         table = profiler.key_averages().table(sort_by="self_cuda_time_total" if device.type == "cuda"
                                               else "self_cpu_time_total", row_limit=30)
@@ -136,7 +144,7 @@ def llmc_run(folder: Path, name: str, args: argparse.Namespace, base: torch.nn.M
     return {"tool": "llmc", "run": name, "seconds": seconds, "peak_gib": peak_gib(device),
             "planned_gib": plan.peak_device / 2**30, "per_block_s": pipeline.block_seconds,
             "stage_s": {**pipeline.stage_seconds, **{k: v for m in methods for k, v in m.stage_seconds.items()}},
-            "blocks": len(pipeline.block_seconds)}
+            "blocks": len(pipeline.block_seconds), **extra}
 
 
 def profiling(on: bool, device: torch.device):
@@ -193,6 +201,9 @@ def render(out: Path, data: dict) -> None:
         note = f"{r['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in r else ""
         if data["layers"] != data["full_layers"] and per_block:
             note = f"extrapolated to {data['full_layers']} layers: {per_block * data['full_layers']:.0f} s"
+        if "checkpoint_s" in r:
+            note = (f"resume checkpoints on: {r['checkpoint_s']:.1f} s of it spent on them, "
+                    f"{r['checkpoint_gib']:.1f} GiB on disk at the end")
         if r["tool"] != "llmc" and r["run"] in ours:
             note = f"llmc {r['seconds'] / ours[r['run']]['seconds']:.1f}x faster in this run"
         if "commit" in r:  # rows merged from several device calls say which code they ran
@@ -218,6 +229,8 @@ def main() -> None:
     parser.add_argument("--peer-python", default=sys.executable)
     parser.add_argument("--profile", default="", help="comma-separated llmc runs to profile (op table to <out>_profile_<run>.txt)")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--checkpoint", default="",
+                        help="write llmc's resume checkpoints after every block into this folder (their cost)")
     parser.add_argument("--model-root", default="/tmp/llmc-speed-models")
     parser.add_argument("--out", default="benchmarks/results/speed")
     args = parser.parse_args()

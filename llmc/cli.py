@@ -5,11 +5,31 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import signal
 import sys
 
 from llmc.errors import LlmcError
 
 EXIT_USAGE = 2
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so every cleanup (the temporary output folder) runs."""
+
+    signame = "SIGTERM"
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted()
+
+
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    """One line and the shell's exit status for a signal: 130 (SIGINT) or 143 (SIGTERM)."""
+    name = getattr(exc, "signame", "SIGINT")
+    written = getattr(exc, "llmc_output", None)
+    outcome = f"the output was already complete at {written}" if written else "no output was written"
+    print(f"llmc: interrupted ({name}); {outcome}", file=sys.stderr)
+    return 128 + int(getattr(signal, name))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config key, e.g. --set quant.weight.bit=3 (repeatable)",
     )
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    resume = run.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_const", const="require", dest="resume", default="auto",
+                        help="continue an interrupted run from its checkpoint (error if there is none); "
+                             "by default a checkpoint of the same config is resumed anyway")
+    resume.add_argument("--no-resume", action="store_const", const="never", dest="resume",
+                        help="start over, removing the checkpoint of an interrupted run")
     inspect = sub.add_parser("inspect", help="describe a saved checkpoint folder (format, bits, layers, sizes)")
     inspect.add_argument("path", help="checkpoint folder (the one with config.json)")
     inspect.add_argument("--no-sparsity", action="store_true",
@@ -58,6 +84,22 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
     try:
+        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    except ValueError:  # not the main thread: signals stay as they are
+        previous = None
+    try:
+        return _run(args, quiet)
+    except KeyboardInterrupt as exc:  # also SIGTERM (Interrupted)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM does not cut the line short
+        return _interrupted(exc)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace, quiet: bool) -> int:
+    try:
         if args.command == "fetch":
             from llmc.fetch import fetch_smollm2
 
@@ -70,14 +112,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from llmc.runner import compress
 
-        compress(args.config, args.overrides, progress=not quiet)
+        compress(args.config, args.overrides, progress=not quiet, resume=args.resume)
         return 0
     except LlmcError as exc:
         print(f"llmc: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("llmc: interrupted; no output was written", file=sys.stderr)
-        return 130
     except MemoryError:
         print("llmc: error: out of CPU memory; lower calib.n_samples or eval.bs", file=sys.stderr)
         return EXIT_USAGE

@@ -25,20 +25,57 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from llmc.errors import LlmcError
 from llmc.sparsity import LayerSparsity, measure, total
 
 if TYPE_CHECKING:
     from llmc.inspect import Tensor as TensorInfo
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+INT_DTYPES = {"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64"}
 LEGACY_SPARSE = ("compressed", "bitmask", "shape")
+
+
+def printable(value: object, limit: int = 200) -> str:
+    """`value` as one line of text that any terminal encoding prints: control characters, lone surrogates
+    and other unprintables escaped, cut to `limit` characters."""
+    text = str(value)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                       for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def checkpoint_error(message: str) -> LlmcError:
+    from llmc.inspect import CheckpointError  # here, not at the top: llmc.inspect imports this module
+
+    return CheckpointError(message)
 
 
 def load(t: TensorInfo) -> torch.Tensor:
     from safetensors import safe_open
 
-    with safe_open(str(t.file), framework="pt") as f:
-        return f.get_tensor(t.name)
+    try:
+        with safe_open(str(t.file), framework="pt") as f:
+            return f.get_tensor(t.name)
+    except Exception as exc:  # a file changed since its header was read, a dtype torch lacks, ...
+        raise checkpoint_error(f"{printable(t.name)} of {printable(t.file)} cannot be read ({printable(exc)}); "
+                               "re-save or re-download the checkpoint") from None
+
+
+def small_ints(t: TensorInfo, most: int, exact: bool = False) -> list[int]:
+    """The values of a small integer tensor that stores a shape (`weight_shape`, a legacy `shape`): at most
+    `most` (exactly `most` with `exact`) values, none negative; checked before anything is read."""
+    fix = "re-save the checkpoint"
+    count = math.prod(t.shape)
+    if t.dtype not in INT_DTYPES or (count != most if exact else count > most):
+        need = f"{'exactly' if exact else 'at most'} {most} integers"
+        raise checkpoint_error(f"{printable(t.name)} of {printable(t.file)} is {printable(t.dtype)}{list(t.shape)}, "
+                               f"not a shape ({need}); {fix}")
+    values = [int(v) for v in load(t).flatten().tolist()]
+    if any(v < 0 for v in values):
+        raise checkpoint_error(f"{printable(t.name)} of {printable(t.file)} is {values}, a negative size; {fix}")
+    return values
 
 
 def is_embedding(module: str) -> bool:
@@ -51,18 +88,27 @@ def is_legacy_sparse(leaves: dict[str, TensorInfo]) -> bool:
 
 
 def legacy_numel(leaves: dict[str, TensorInfo]) -> int:
-    return math.prod(int(v) for v in load(leaves["shape"]).flatten().tolist())
+    return math.prod(small_ints(leaves["shape"], 8))
 
 
 def expand_legacy(leaves: dict[str, TensorInfo]) -> torch.Tensor:
     """The dense `[out, in]` stored values of a sparse-bitmask / sparse-24-bitmask linear (codes if quantized)."""
     from compressed_tensors.utils import unpack_bitmasks
 
-    shape = [int(v) for v in load(leaves["shape"]).flatten().tolist()]
-    values = load(leaves["compressed"]).flatten()
+    shape = small_ints(leaves["shape"], 2, exact=True)
+    bitmask, compressed = leaves["bitmask"], leaves["compressed"]
+    if list(bitmask.shape) != [shape[0], -(-shape[1] // 8)] or bitmask.dtype not in ("U8", "I8", "BOOL"):
+        raise checkpoint_error(f"{printable(bitmask.name)} of {printable(bitmask.file)} is "
+                               f"{printable(bitmask.dtype)}{list(bitmask.shape)}, not the packed bitmask of a "
+                               f"{shape} weight; re-save the checkpoint")
+    values = load(compressed).flatten()
     values = values.float() if values.dtype == torch.float8_e4m3fn else values
+    mask = unpack_bitmasks(load(bitmask), shape)
+    if int(mask.sum()) != values.numel():
+        raise checkpoint_error(f"{printable(compressed.name)} of {printable(compressed.file)} holds {values.numel():,} "
+                               f"values, its bitmask {int(mask.sum()):,}; re-save the checkpoint")
     dense = torch.zeros(shape, dtype=values.dtype)
-    dense[unpack_bitmasks(load(leaves["bitmask"]), shape)] = values
+    dense[mask] = values
     return dense
 
 
@@ -88,7 +134,9 @@ def checkpoint_sparsity(qc: dict | None, by_module: dict[str, dict[str, TensorIn
         return None
     try:
         return measure_modules(quant_scheme(qc) if qc else None, by_module)
-    except (ValueError, KeyError, RuntimeError, NotImplementedError):  # a format the library cannot decompress
+    except LlmcError:  # a corrupt file: reported
+        raise
+    except Exception:  # a format or layout the library cannot decompress (it raises any kind of error)
         return None
 
 
@@ -104,6 +152,8 @@ def measure_modules(quant, by_module: dict[str, dict[str, TensorInfo]]) -> list[
             out.append(measure(module, expand_legacy(leaves)))
         elif quant is not None and "weight_scale" in leaves:
             compressor, scheme = quant
+            if not plausible_quantized(leaves):
+                raise NotImplementedError(f"{module}: scales that do not fit the weight")
             local = {k: load(t) for k, t in leaves.items()}
             out.append(measure(module, compressor.decompress(local, scheme)["weight"]))
         elif "weight" in leaves and leaves["weight"].dtype in FLOAT_DTYPES and len(leaves["weight"].shape) == 2:
@@ -112,14 +162,39 @@ def measure_modules(quant, by_module: dict[str, dict[str, TensorInfo]]) -> list[
     return out
 
 
+def plausible_quantized(leaves: dict[str, TensorInfo]) -> bool:
+    """The scales, zero points and g_idx of a quantized linear are no larger than its weight, and the scales' rows
+    are one or the weight's rows: decompressing cannot broadcast them into a tensor much larger than the weight."""
+    weight = leaves.get("weight")
+    if "weight_shape" in leaves:
+        out_in = small_ints(leaves["weight_shape"], 2, exact=True)
+    elif weight is not None and len(weight.shape) == 2:
+        out_in = list(weight.shape)
+    else:
+        return False
+    numel = out_in[0] * out_in[1]
+    for name, t in leaves.items():
+        if name in ("weight", "weight_packed", "weight_shape"):
+            continue
+        if len(t.shape) > 2 or math.prod(t.shape) > numel + out_in[0]:
+            return False
+        if name == "weight_scale" and len(t.shape) == 2 and t.shape[0] not in (1, out_in[0]):
+            return False
+    return True
+
+
 def declared_sparsity(config: dict) -> str | None:
     """The sparsity a folder declares: llmc's `llmc_sparsity` record or compressed-tensors' `sparsity_config`."""
-    qc = config.get("quantization_config") or {}
+    qc = config.get("quantization_config")
+    qc = qc if isinstance(qc, dict) else {}
     for source, entry in (("llmc_sparsity", config.get("llmc_sparsity")), ("sparsity_config", qc.get("sparsity_config"))):
-        if entry:
+        if entry and isinstance(entry, dict):
             share = entry.get("global_sparsity")
-            share = f", {share:.1%} zeros" if isinstance(share, int | float) else ""
-            return f"{entry.get('sparsity_structure', 'unstructured')} ({entry.get('format', '?')}{share}; {source})"
+            ok = isinstance(share, int | float) and not isinstance(share, bool) and math.isfinite(share) \
+                and abs(share) <= 1e6
+            share = f", {share:.1%} zeros" if ok else ""
+            structure = printable(entry.get("sparsity_structure", "unstructured"), 60)
+            return f"{structure} ({printable(entry.get('format', '?'), 60)}{share}; {source})"
     return None
 
 
@@ -131,6 +206,7 @@ def format_sparsity(layers: list[LayerSparsity] | None, declared: str | None) ->
     head = (f"sparsity       {share:.2%} zeros over {len(layers)} linear layers ({zeros:,} of {numel:,} weights); "
             f"{n24} of {len(layers)} are 2:4")
     lines = [head + (f"; declared {declared}" if declared else "")]
-    width = max((len(s.name) for s in layers), default=0)
-    lines += [f"  {s.name:<{width}}  {s.fraction:7.2%}  {'2:4' if s.two_four else '-'}" for s in layers]
+    names = [printable(s.name) for s in layers]
+    width = max((len(n) for n in names), default=0)
+    lines += [f"  {n:<{width}}  {s.fraction:7.2%}  {'2:4' if s.two_four else '-'}" for n, s in zip(names, layers)]
     return lines

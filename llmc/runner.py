@@ -17,18 +17,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from llmc.config.loader import load_config
+from llmc.config.loader import check_data_paths, load_config
 from llmc.config.schema import LlmcConfig
 from llmc.data import build_calibration, load_eval_text, load_named_documents, tokenize_windows
 from llmc.errors import ConfigError
 from llmc.eval.perplexity import PROTOCOL, PplResult, evaluate_perplexity
 from llmc.export import requested_exporters
+from llmc.faults import kill_point
+from llmc.finite import check_model_weights
 from llmc.methods.lifecycle import CompressionMethod
 from llmc.methods.sparse_base import SparseMethod
 from llmc.models import LoadedModel, ModelAdapter, load_model
 from llmc.models.loader import check_model_paths
 from llmc.models.moe import moe_calibration, moe_routing
 from llmc.pipeline import BlockwisePipeline
+from llmc.pipeline.checkpoint import RunCheckpoint, checkpoint_folder, config_fingerprint
 from llmc.quant import quant_disabled
 from llmc.save import (
     FAKE_DIR,
@@ -55,6 +58,8 @@ class RunResult:
     save_path: Path | None = None
     methods: list[dict] = field(default_factory=list)
     """Summaries of the sparse methods (sparsity reached, removed blocks) for results.json."""
+    resumed_after_block: int | None = None
+    """The last block a resumed run found finished in its checkpoint (-1: only the statistics pass)."""
 
     def ppl(self, position: str, dataset: str | None = None) -> float:
         for r in self.perplexity:
@@ -81,18 +86,25 @@ def seed_everything(seed: int) -> None:
 
 
 def compress(
-    config: LlmcConfig | str | Path | dict, overrides: list[str] | tuple[str, ...] = (), progress: bool = True
+    config: LlmcConfig | str | Path | dict, overrides: list[str] | tuple[str, ...] = (), progress: bool = True,
+    resume: str = "auto",
 ) -> RunResult:
-    """Run everything the config asks for; returns the model and the measured numbers."""
+    """Run everything the config asks for; returns the model and the measured numbers.
+
+    `resume`: auto (continue from a matching checkpoint beside save_path, see
+    `llmc.pipeline.checkpoint`), require (one must exist: `llmc run --resume`) or never."""
     cfg = config if isinstance(config, LlmcConfig) else load_config(config, overrides)
     seed_everything(cfg.base.seed)
     device = resolve_device(cfg.base.device)
     methods = build_methods(cfg)
-    out_path = check_output_path(cfg.save.save_path, cfg.save.overwrite)
+    out_path = check_output_path(cfg.save.save_path, cfg.save.overwrite, cfg.model.path)
     exporters = requested_exporters(cfg)
     for exporter in exporters:
         exporter.check(cfg)
     check_model_paths(cfg.model)
+    check_data_paths(cfg)  # calib (even unused) and eval sources, before the model loads
+    checkpoint = run_checkpoint(cfg, out_path, methods, resume)
+    resume_state = checkpoint.open(resume) if checkpoint is not None else None
     timings: dict[str, float] = {}
 
     calib_docs = None
@@ -117,10 +129,14 @@ def compress(
         name: tokenize_windows(text, loaded.tokenizer, cfg.eval.seq_len, cfg.eval.max_windows)
         for name, text in eval_texts.items()
     }
-    result = RunResult(cfg, loaded.model, loaded.tokenizer, loaded.adapter, timings=timings, save_path=out_path)
+    result = RunResult(cfg, loaded.model, loaded.tokenizer, loaded.adapter, timings=timings, save_path=out_path,
+                       resumed_after_block=resume_state["done"] if resume_state is not None else None)
 
     def evaluate(position: str) -> None:
         if cfg.eval is None or position not in cfg.eval.eval_pos:
+            return
+        if position == "pretrain" and checkpoint is not None and checkpoint.perplexity:
+            result.perplexity.extend(PplResult(**r) for r in checkpoint.perplexity)  # measured before the crash
             return
         for name, win in windows.items():
             r = evaluate_perplexity(
@@ -131,23 +147,43 @@ def compress(
             result.perplexity.append(r)
 
     evaluate("pretrain")
+    if checkpoint is not None:
+        checkpoint.perplexity = [r.as_dict() for r in result.perplexity]
     if methods:
         start = time.perf_counter()
-        compress_model(cfg, loaded, methods, device, calib_docs, progress)
+        compress_model(cfg, loaded, methods, device, calib_docs, progress, checkpoint, resume_state)
         timings["quantize_s"] = time.perf_counter() - start
+        if checkpoint is not None:
+            timings["checkpoint_s"] = checkpoint.write_seconds
         result.methods = [m.summary() for m in methods if isinstance(m, SparseMethod)]
         with quant_disabled(loaded.model):
             evaluate("transformed")
         evaluate("fake_quant")
     print_table(result)
     if out_path is not None:
+        check_model_weights(loaded.model)  # no NaN/Inf weight is ever saved
         write_outputs(result, out_path, device)
+    if checkpoint is not None:
+        checkpoint.remove()
     return result
+
+
+def run_checkpoint(
+    cfg: LlmcConfig, out_path: Path | None, methods: list[CompressionMethod], resume: str
+) -> RunCheckpoint | None:
+    """The run's resume checkpoint: beside save_path, when there is one and save.checkpoint is on."""
+    if out_path is None or not cfg.save.checkpoint or not methods:
+        if resume == "require":
+            raise ConfigError("--resume needs save.save_path and save.checkpoint: true (checkpoints live beside "
+                              "save_path)")
+        return None
+    return RunCheckpoint(checkpoint_folder(out_path), config_fingerprint(cfg.model_dump(mode="json")))
 
 
 def compress_model(
     cfg: LlmcConfig, loaded: LoadedModel, methods: list[CompressionMethod], device: torch.device,
-    calib_docs: list[str] | None, progress: bool,
+    calib_docs: list[str] | None, progress: bool, checkpoint: RunCheckpoint | None = None,
+    resume_state: dict | None = None,
 ) -> BlockwisePipeline:
     batches = None
     if calib_docs is not None:
@@ -155,7 +191,8 @@ def compress_model(
         batches = build_calibration(calib_docs, loaded.tokenizer, c.n_samples, c.seq_len, c.bs, c.preproc,
                                     cfg.calib_seed)
     with moe_calibration(loaded.model, cfg.calib, batches):  # MoE: every token through every expert, counted
-        return compress_batches(cfg, loaded.model, loaded.adapter, methods, device, batches, progress)
+        return compress_batches(cfg, loaded.model, loaded.adapter, methods, device, batches, progress,
+                                checkpoint, resume_state)
 
 
 def check_seq_len(cfg: LlmcConfig, loaded: LoadedModel, calibrates: bool) -> None:
@@ -192,6 +229,7 @@ def results_dict(result: RunResult, device: torch.device) -> dict:
         "calib_seed": result.config.calib_seed if result.config.calib else None,
         "timings_s": result.timings,
         "sparse": result.methods,
+        "resumed_after_block": result.resumed_after_block,
         "moe_routing": moe_routing(result.model),
         "environment": {
             "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
@@ -205,10 +243,10 @@ def results_dict(result: RunResult, device: torch.device) -> dict:
 
 def write_outputs(result: RunResult, out_path: Path, device: torch.device) -> None:
     save = result.config.save
-    with atomic_output_dir(out_path, save.overwrite) as tmp:
-        write_json(tmp / "results.json", results_dict(result, device))
+    with atomic_output_dir(out_path, save.overwrite, result.config.model.path) as tmp:
         if save.save_trans:
             save_hf_model(result.model, result.tokenizer, tmp / TRANS_DIR, fake=False, adapter=result.adapter)
+        kill_point("save")
         if save.save_fake:
             save_hf_model(result.model, result.tokenizer, tmp / FAKE_DIR, fake=True, adapter=result.adapter)
         for exporter in requested_exporters(result.config):
@@ -217,4 +255,5 @@ def write_outputs(result: RunResult, out_path: Path, device: torch.device) -> No
             exporter.write(result.model, result.tokenizer, folder, result.config)
             copy_processor_files(getattr(result.model, "name_or_path", None), folder)
             log.info("wrote %s checkpoint to %s", exporter.key, out_path / exporter.folder)
+        write_json(tmp / "results.json", results_dict(result, device))  # last: marks the folder complete
     log.info("results written to %s", out_path / "results.json")

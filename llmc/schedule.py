@@ -13,13 +13,18 @@ import logging
 import torch
 from torch import nn
 
+from llmc.config.loader import check_ignored_layers
 from llmc.config.schema import IgnoredLayers, LlmcConfig
 from llmc.errors import ModelError
+from llmc.faults import kill_point
+from llmc.finite import check_block_weights
 from llmc.methods import QuantMethod, get_methods
 from llmc.methods.lifecycle import CompressionMethod, ModelContext
 from llmc.methods.sparse_base import SparseMethod, sparse_method
+from llmc.methods.sparsegpt import is_joint_quantized, join_quant
 from llmc.models import ModelAdapter
 from llmc.pipeline import BlockContext, BlockwisePipeline, capture_block_inputs
+from llmc.pipeline.checkpoint import RunCheckpoint, Wrap
 from llmc.pipeline.planner import check_fits, plan_memory
 
 log = logging.getLogger("llmc")
@@ -30,13 +35,17 @@ def build_methods(cfg: LlmcConfig) -> list[CompressionMethod]:
     methods: list[CompressionMethod] = [sparse_method(cfg.sparse)] if cfg.sparse is not None else []
     if cfg.quant is not None:
         methods.extend(get_methods(cfg.quant))
+    # SparseGPT's joint mode (sparse.special.joint_quant) quantizes the quant section's targets itself.
+    join_quant(methods, lambda ctx: block_targets(cfg.quant.ignored_layers, ctx.adapter, ctx.block, ctx.index))
     return methods
 
 
 def method_targets(cfg: LlmcConfig, method: CompressionMethod, adapter: ModelAdapter, block: nn.Module,
                    index: int) -> list[str]:
-    section = cfg.sparse if isinstance(method, SparseMethod) else cfg.quant
-    return block_targets(section.ignored_layers, adapter, block, index)
+    if isinstance(method, SparseMethod):
+        return block_targets(cfg.sparse.ignored_layers, adapter, block, index)
+    names = block_targets(cfg.quant.ignored_layers, adapter, block, index)
+    return [n for n in names if not is_joint_quantized(block.get_submodule(n))]  # done by SparseGPT's joint mode
 
 
 def block_targets(ignored: IgnoredLayers, adapter: ModelAdapter, block: nn.Module, index: int) -> list[str]:
@@ -66,6 +75,7 @@ def resolve_block_out(cfg: LlmcConfig, methods: list[CompressionMethod]) -> bool
 
 def check_methods(cfg: LlmcConfig, methods: list[CompressionMethod], model: nn.Module, adapter: ModelAdapter) -> None:
     """Checks a method can make from the loaded model's shapes, before any calibration."""
+    check_ignored_layers(cfg, model, adapter)  # ignored_layers names that match nothing in the model
     blocks = adapter.get_blocks(model)
     for method in methods:
         if isinstance(method, SparseMethod):
@@ -94,13 +104,21 @@ def check_group_size(cfg: LlmcConfig, model: nn.Module, adapter: ModelAdapter) -
                 )
 
 
+def restore_wrap(methods: list[CompressionMethod]) -> Wrap | None:
+    """How a resumed run re-creates the fake-quant linears: as the quantizing (last) method does."""
+    final = methods[-1] if methods and isinstance(methods[-1], QuantMethod) else None
+    return final.restore_linear if final is not None else None
+
+
 def compress_batches(
     cfg: LlmcConfig, model: nn.Module, adapter: ModelAdapter, methods: list[CompressionMethod],
     device: torch.device, batches: list[dict] | None, progress: bool = True,
+    checkpoint: RunCheckpoint | None = None, resume: dict | None = None,
 ) -> BlockwisePipeline:
     """Run every method's lifecycle: model-level preparation, memory plan, capture of the block
     inputs for `batches` (token ids), the statistics pass if asked for, the block loop, and the
-    model-level finish."""
+    model-level finish. With `checkpoint` every finished block is checkpointed; with `resume`
+    (a checkpoint's state) the finished blocks are restored and the loop goes on after them."""
     mctx = ModelContext(model, adapter)
     for method in methods:
         method.prepare_model(mctx)
@@ -124,16 +142,29 @@ def compress_batches(
     def targets_of(method: CompressionMethod, index: int) -> list[str]:
         return method_targets(cfg, method, adapter, blocks[index], index)
 
+    pipeline = BlockwisePipeline(model, adapter, device, quant_out=resolve_block_out(cfg, methods), progress=progress,
+                                 desc="+".join(m.name for m in methods))
+    pipeline.plan = plan
+    first = 0
+    if resume is not None:
+        wrap = restore_wrap(methods)
+        inputs = pipeline.replay(inputs, resume["done"], lambda i: checkpoint.restore_block(i, blocks[i], wrap))
+        checkpoint.restore_methods(resume, methods)
+        first = resume["done"] + 1
     collectors = [m for m in methods if m.wants_statistics_pass]
-    if collectors and inputs is not None:
+    if collectors and inputs is not None and resume is None:
         def collect(ctx: BlockContext) -> None:
             for method in collectors:
                 ctx.targets = targets_of(method, ctx.index)
                 method.collect_block(ctx)
 
         BlockwisePipeline(model, adapter, device, progress=progress, desc="statistics").run(inputs, collect)
+        if checkpoint is not None:
+            checkpoint.save_block(-1, None, methods)
 
     def process(ctx: BlockContext) -> None:
+        kill_point(f"block:{ctx.index}")
+        check_block_weights(ctx.block, f"{adapter.blocks}.{ctx.index}")  # NaN/Inf weights: refuse, named
         for method in methods:
             ctx.targets = targets_of(method, ctx.index)
             method.process_block(ctx)
@@ -141,13 +172,14 @@ def compress_batches(
     def after(ctx: BlockContext, outputs: list | None) -> None:
         for method in methods:
             method.after_block(ctx, outputs)
+        if checkpoint is not None:
+            checkpoint.save_block(ctx.index, ctx.block, methods)
 
-    pipeline = BlockwisePipeline(model, adapter, device, quant_out=resolve_block_out(cfg, methods), progress=progress,
-                                 desc="+".join(m.name for m in methods))
-    pipeline.plan = plan
     # Only the first method sees the block as it came; the others see it transformed.
     pipeline.run(inputs, process, targets=lambda i: targets_of(methods[0], i), observe=methods[0].observe,
-                 after=after)
+                 after=after, first=first)
+    if checkpoint is not None:
+        checkpoint.wait()
     for method in methods:
         method.finish_model(mctx)
     seconds = pipeline.block_seconds

@@ -104,6 +104,7 @@ def test_autoawq_and_gptq_folders(capsys, tmp_path):
         assert 0.9 <= info.ratio <= 1.1
 
 
+@pytest.mark.reliability("inspect")
 @pytest.mark.parametrize("case", ["missing", "file", "no-config", "no-safetensors", "bad-json"])
 def test_bad_paths_are_one_line_errors(capsys, tmp_path, case):
     path = tmp_path / "ckpt"

@@ -7,9 +7,18 @@ the key and suggests the closest valid one.
 
 from __future__ import annotations
 
+import difflib
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 WEIGHT_GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 ACT_GRANULARITIES = ("per_tensor", "per_token")
@@ -60,11 +69,52 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+SEED_MAX = 2**32 - 1
+"""Seeds must fit numpy's legacy seed range (0..2**32-1); torch and random accept all of those."""
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+
+
+def _check_seed(v: int | None) -> int | None:
+    if v is not None and not 0 <= v <= SEED_MAX:
+        raise ValueError(f"seed {v} is outside 0..{SEED_MAX} (numpy's seed range); use a seed from 0 to {SEED_MAX}")
+    return v
+
+
+Seed = Annotated[int, AfterValidator(_check_seed)]
+
+
+def _check_device(v: str) -> str:
+    index = v[len("cuda:"):] if v.startswith("cuda:") else None
+    if v in ("auto", "cpu", "cuda") or (index is not None and index.isdigit() and index.isascii()):
+        return v
+    raise ValueError(f"{v!r} is not a device llmc runs on; use one of {', '.join(DEVICES)} (N = GPU index, e.g. cuda:0)")
+
+
+def _no_bool(v: Any) -> Any:
+    if isinstance(v, bool):  # pydantic would take true as block 1
+        raise ValueError(f"{v!r} is not a block index; use integers like 0 or ranges like '2-5'")
+    return v
+
+
+def _check_block_id(v: int | str) -> int | str:
+    if isinstance(v, int):
+        if v < 0:
+            raise ValueError(f"block id {v} is negative; block indices start at 0")
+        return v
+    lo, sep, hi = v.strip().partition("-")
+    ok = lo.isdigit() and lo.isascii() and (not sep or (hi.isdigit() and hi.isascii()))
+    if not ok:
+        raise ValueError(f"block id {v!r} is not an index or a range; use integers like 0 or ranges like '2-5'")
+    if sep and int(lo) > int(hi):
+        raise ValueError(f"block range {v!r} runs backwards; write it first-last, e.g. '{hi}-{lo}'")
+    return v
+
+
 class BaseSection(Section):
     """Run-wide settings."""
 
-    seed: int = Field(42, description="Seed for every random choice (calibration windows, torch).")
-    device: str = Field(
+    seed: Seed = Field(42, description=f"Seed for every random choice (calibration windows, torch); 0..{SEED_MAX}.")
+    device: Annotated[str, AfterValidator(_check_device)] = Field(
         "auto", description="Compute device for one block at a time: auto (cuda if present), cpu, cuda, cuda:N."
     )
     act_cache: Literal["auto", "device", "cpu"] = Field(
@@ -84,6 +134,10 @@ class ModelSection(Section):
         "auto", description="dtype of the loaded model; auto keeps the checkpoint's (float32 for GGUF)."
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint folder.")
+    allow_pickle: bool = Field(
+        False, description="Load pickled weights (pytorch_model.bin, .pt, .pth); unpickling can run code, so only "
+        "safetensors and GGUF load unless this is true."
+    )
 
 
 class CalibSection(Section):
@@ -96,7 +150,7 @@ class CalibSection(Section):
     bs: int = Field(1, description="Sequences per forward batch; -1 = all in one batch.")
     seq_len: int = Field(512, ge=2, description="Tokens per calibration sequence.")
     preproc: str = Field("general", description="general (random windows) or padded_docs.")
-    seed: int | None = Field(None, description="Seed for sampling; defaults to base.seed.")
+    seed: Seed | None = Field(None, description="Seed for sampling; defaults to base.seed.")
     text_key: str = Field("text", description="Field holding the text in .json/.jsonl/.parquet files.")
     moe_all_experts: bool = Field(
         True, description="MoE models: while calibrating, run every token through every expert (the block output "
@@ -114,6 +168,20 @@ class CalibSection(Section):
         if v == 0 or v < -1:
             raise ValueError("bs must be a positive batch size or -1 (all samples in one batch)")
         return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        from llmc.data.sources import DATASET_NAMES
+
+        return _one_of(v, DATASET_NAMES, "calibration data set")
+
+    @field_validator("preproc")
+    @classmethod
+    def _preproc(cls, v: str) -> str:
+        from llmc.data.calibration import PREPROCESSORS
+
+        return _one_of(v, sorted(PREPROCESSORS), "calibration preproc")
 
 
 class EvalSection(Section):
@@ -133,6 +201,17 @@ class EvalSection(Section):
     @property
     def names(self) -> list[str]:
         return [self.name] if isinstance(self.name, str) else list(self.name)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | list[str]) -> str | list[str]:
+        from llmc.data.evaluation import EVAL_NAMES
+
+        for name in [v] if isinstance(v, str) else v:
+            _one_of(name, EVAL_NAMES, "evaluation data set")
+        if not isinstance(v, str) and not v:
+            raise ValueError(f"an empty list names no data set; use one of {', '.join(EVAL_NAMES)}")
+        return v
 
 
 class WeightQuantSection(Section):
@@ -197,7 +276,7 @@ class ActQuantSection(Section):
 class IgnoredLayers(Section):
     """Linears left in float."""
 
-    block_ids: list[int | str] = Field(default_factory=list, description="Blocks left in float: 0, '3-5'.")
+    block_ids: list[Annotated[int | str, BeforeValidator(_no_bool), AfterValidator(_check_block_id)]] = Field(default_factory=list, description="Blocks left in float: 0, '3-5'.")
     layer_names: list[str] = Field(default_factory=list, description="Linear names in a block: mlp.down_proj.")
     speical_names: list[str] = Field(default_factory=list, description="Full module names (llmc's spelling).")
 
@@ -240,6 +319,14 @@ class QuantSection(Section):
         if not self.methods:
             raise ValueError("quant.method is an empty list; name at least one method, e.g. RTN")
         return self
+
+
+def _one_of(value: str, valid, what: str) -> str:
+    if value in valid:
+        return value
+    close = difflib.get_close_matches(value, list(valid), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ValueError(f"unknown {what} {value!r}; {hint}use one of {', '.join(valid)}")
 
 
 def _check_pattern(v: str) -> str:
@@ -310,6 +397,11 @@ class SaveSection(Section):
     save_gptq: bool = Field(False, description="Write the GPTQ layout (qweight, qzeros, scales, g_idx).")
     save_path: str | None = Field(None, description="Output folder; created atomically at the end.")
     overwrite: bool = Field(False, description="Replace an existing save_path.")
+    checkpoint: bool = Field(
+        True,
+        description="Checkpoint after every block (beside save_path, removed at the end) so an interrupted run "
+        "resumes from its last finished block.",
+    )
 
 
 class LlmcConfig(Section):

@@ -11,6 +11,7 @@ import difflib
 from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
 
 from llmc.config.loader import explain_validation_error
 from llmc.config.schema import ActQuantSection, QuantSection, WeightQuantSection
@@ -80,6 +81,13 @@ class QuantMethod(CompressionMethod):
             ctx.block, name, self.weight_quantizer, self.act_quantizer,
             act_static=self.quant.act is not None and self.quant.act.static,
         )
+
+
+    def restore_linear(self, block: nn.Module, name: str, cls: type[FakeQuantLinear]) -> FakeQuantLinear:
+        """Re-create block linear `name` as this method left it (class and quantizers), for a resumed
+        run; the checkpoint then puts its weights and quantization parameters back."""
+        return cls.wrap(block, name, self.weight_quantizer, self.act_quantizer,
+                        act_static=self.quant.act is not None and self.quant.act.static)
 
 
 def build_weight_quantizer(w: WeightQuantSection) -> IntQuantizer | FP8Quantizer:

@@ -20,12 +20,15 @@ Config keys: `quant.weight.{bit, symmetric, granularity, group_size, calib_algo,
     contiguous under actorder;
   true_sequential (true): measure each group's Hessian after quantizing the groups before it.
 `quant.quant_out` defaults to true with GPTQ: each block's Hessians come from the quantized
-earlier blocks' outputs, so GPTQ also corrects the error they pass on.
+earlier blocks' outputs, so GPTQ also corrects the error they pass on. With SparseGPT's
+`sparse.special.joint_quant`, SparseGPT runs this quantization inside its pruning sweep
+(`ColumnGrids`, `solve_group`, `wrap_result` are shared) and GPTQ only gets the linears left.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +38,7 @@ from torch import Tensor, nn
 from llmc.errors import NumericsError
 from llmc.methods.base import QuantMethod, register_method
 from llmc.methods.gptq_block import quantize_block
-from llmc.methods.hessian import group_hessians, inverse_hessian_cholesky
+from llmc.methods.hessian import group_hessians, inverse_hessian_cholesky, obs_problem, obs_sweep
 from llmc.methods.sparse_base import is_pruned
 from llmc.models.adapter import ModelAdapter
 from llmc.pipeline.blockwise import BlockContext, timed
@@ -76,6 +79,50 @@ def natural_g_idx(columns: int, quantizer: IntQuantizer, device: torch.device | 
     return idx // quantizer.group_size if quantizer.granularity == "per_group" else torch.zeros_like(idx)
 
 
+class ColumnGrids:
+    """The scale and zero point of each group of columns during a sweep (GPTQ's, or SparseGPT's joint
+    mode): fixed up front from the weight (per_tensor, per_channel, per_group with `static_groups`),
+    or, for per_group otherwise, set by `start` when the sweep reaches the group's first column, from
+    the weights updated by every column before it (GPTQ's reference code)."""
+
+    def __init__(self, W: Tensor, quantizer: IntQuantizer, static_groups: bool = False) -> None:
+        cols = W.shape[1]
+        self.quantizer = quantizer
+        self.grouped = quantizer.granularity == "per_group"
+        self.group_size = quantizer.group_size if self.grouped else cols
+        self.dynamic = self.grouped and not static_groups
+        # Each group's params are per row over its columns: a per_channel quantizer on a column slice.
+        self.slice_quantizer = dataclasses.replace(quantizer, granularity="per_channel", group_size=-1)
+        self.params: list[tuple[Tensor, Tensor] | None] = [None] * -(-cols // self.group_size)
+        if not self.grouped:
+            self.params[0] = self._flat(quantizer.calc_qparams(W))
+        elif static_groups:
+            for g in range(len(self.params)):
+                self.start(g, W[:, g * self.group_size : (g + 1) * self.group_size])
+
+    @staticmethod
+    def _flat(params: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        return params[0].view(-1), params[1].view(-1)
+
+    def start(self, group: int, columns: Tensor) -> tuple[Tensor, Tensor]:
+        """Fix group `group`'s params from its current `columns`; returns them as `[rows, 1]`."""
+        self.params[group] = self._flat(self.slice_quantizer.calc_qparams(columns))
+        return self.of(group)
+
+    def of(self, group: int) -> tuple[Tensor, Tensor]:
+        """Scale and zero point of group `group`, `[rows, 1]` (`[1, 1]` per_tensor)."""
+        scale, zero = self.params[group]
+        return scale.view(-1, 1), zero.view(-1, 1)
+
+    def stacked(self) -> tuple[Tensor, Tensor]:
+        """All groups' scales and zero points, `[rows, n_groups]`."""
+        return torch.stack([p[0] for p in self.params], dim=1), torch.stack([p[1] for p in self.params], dim=1)
+
+    def result(self, Q: Tensor, g_idx: Tensor) -> GptqResult:
+        scale, zero = self.stacked()
+        return GptqResult(Q, scale.reshape(-1, 1), zero.reshape(-1, 1), g_idx.long())
+
+
 @torch.no_grad()
 def gptq_quantize(
     weight: Tensor,
@@ -94,79 +141,90 @@ def gptq_quantize(
     `[in, in]` less at the peak: 3 GiB for a 70B down_proj); the caller must not reuse it.
     With `keep_zeros` (a pruned weight) every zero of `weight` stays zero in Q.
     """
-    W = weight.detach().float().clone()
+    W, H = obs_problem(weight, hessian, consume_hessian)
     pruned = W == 0 if keep_zeros else None
-    H = hessian.detach().to(W.device, torch.float32)
-    if H.data_ptr() == hessian.data_ptr() and not consume_hessian:
-        H = H.clone()
     cols = W.shape[1]
-    # A column whose input is always zero does not matter; zero it so it cannot widen a range.
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-
-    grouped = quantizer.granularity == "per_group"
-    gs = quantizer.group_size if grouped else cols
-    n_groups = -(-cols // gs)
-    # Each group's params are per row over its columns: a per_channel quantizer on a column slice.
-    slice_quantizer = dataclasses.replace(quantizer, granularity="per_channel", group_size=-1)
-    params: list[tuple[Tensor, Tensor] | None] = [None] * n_groups
-    if not grouped:
-        scale, zero = quantizer.calc_qparams(W)
-        params[0] = (scale.view(-1), zero.view(-1))
-    elif static_groups:
-        for g in range(n_groups):
-            scale, zero = slice_quantizer.calc_qparams(W[:, g * gs : (g + 1) * gs])
-            params[g] = (scale.view(-1), zero.view(-1))
+    grids = ColumnGrids(W, quantizer, static_groups)
 
     perm = torch.argsort(torch.diag(H), descending=True) if actorder else torch.arange(cols, device=W.device)
     if actorder:
         W, H = W[:, perm], H[perm][:, perm]
         pruned = pruned[:, perm] if pruned is not None else None
     # Group of each column in processing order; only dynamic groups under actorder follow that order.
-    dynamic = grouped and not static_groups
-    if dynamic:
-        col_group = torch.arange(cols, device=W.device) // gs
+    if grids.dynamic:
+        col_group = torch.arange(cols, device=W.device) // grids.group_size
         # One group per block: its params then come from weights updated by every earlier group.
-        blocksize = gs
+        blocksize = grids.group_size
     else:
         col_group = natural_g_idx(cols, quantizer, W.device)[perm]
-
+        all_scale, all_zero = grids.stacked()  # [rows, n_groups]
     groups_in_order = col_group.tolist()
 
     Hinv = inverse_hessian_cholesky(H, percdamp)
     del H
-    Q = torch.zeros_like(W)
-    if not dynamic:
-        all_scale = torch.stack([p[0] for p in params], dim=1)  # [rows, n_groups]
-        all_zero = torch.stack([p[1] for p in params], dim=1)
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        if dynamic:
-            scale, zero = slice_quantizer.calc_qparams(W1)
-            params[i1 // gs] = (scale.view(-1), zero.view(-1))
-            S1, Z1 = scale.view(-1, 1), zero.view(-1, 1)
-        elif grouped and (actorder or groups_in_order[i1] != groups_in_order[i2 - 1]):
+
+    def solve_block(i1: int, i2: int, W1: Tensor) -> tuple[Tensor, Tensor]:
+        if grids.dynamic:
+            S1, Z1 = grids.start(groups_in_order[i1], W1)
+        elif grids.grouped and (actorder or groups_in_order[i1] != groups_in_order[i2 - 1]):
             block_groups = col_group[i1:i2]
             S1, Z1 = all_scale[:, block_groups], all_zero[:, block_groups]
-        elif grouped:
-            g = groups_in_order[i1]
-            S1, Z1 = all_scale[:, g : g + 1], all_zero[:, g : g + 1]
         else:
-            S1, Z1 = all_scale, all_zero
-        Hinv1 = Hinv[i1:i2, i1:i2]
+            S1, Z1 = grids.of(groups_in_order[i1])
         prune1 = pruned[:, i1:i2] if pruned is not None else None
-        Q1, Err1 = quantize_block(W1, Hinv1, S1, Z1, quantizer.qmin, quantizer.qmax, prune1)
-        Q[:, i1:i2] = Q1
-        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+        return quantize_block(W1, Hinv[i1:i2, i1:i2], S1, Z1, quantizer.qmin, quantizer.qmax, prune1)
 
-    inv = torch.argsort(perm)
+    Q = obs_sweep(W, Hinv, blocksize, solve_block)
     if actorder:
+        inv = torch.argsort(perm)
         Q, col_group = Q[:, inv], col_group[inv]
-    scale = torch.stack([p[0] for p in params], dim=1)
-    zero = torch.stack([p[1] for p in params], dim=1)
-    return GptqResult(Q, scale.reshape(-1, 1), zero.reshape(-1, 1), col_group.long())
+    return grids.result(Q, col_group)
+
+
+GroupSolver = Callable[[Tensor, Tensor, IntQuantizer | None, bool, list[tuple[str, nn.Module]]], GptqResult]
+"""`(weight, hessian, quantizer, consume_hessian, part)`: one stacked weight's solve (GPTQ, SparseGPT)."""
+
+
+def solve_group(
+    group: list[tuple[str, nn.Module]], hessian: Tensor, quantizer: IntQuantizer | None, solve: GroupSolver,
+    where: str, consume_hessian: bool = True,
+) -> list[tuple[str, GptqResult]]:
+    """Solve the linears of a group sharing `hessian` and write each result into its linear's float
+    weight (which the results then hold). Rows are independent given H, so the linears run as one
+    stacked weight, except per_tensor where each linear needs its own single range. `where` (e.g.
+    "GPTQ on block 3") prefixes a numerical error; with `consume_hessian` the last solve may damp
+    `hessian` in place."""
+    parts = [[item] for item in group] if quantizer is not None and quantizer.granularity == "per_tensor" else [group]
+    out = []
+    for k, part in enumerate(parts):
+        weight = torch.cat([m.weight for _, m in part])
+        wq = quantizer.for_dtype(weight.dtype) if quantizer is not None else None
+        try:
+            res = solve(weight, hessian, wq, consume_hessian and k == len(parts) - 1, part)
+        except NumericsError as exc:
+            raise NumericsError(f"{where} ({', '.join(n for n, _ in part)}): {exc}") from None
+        per_row = res.scale.shape[0] // weight.shape[0]
+        start = 0
+        for name, module in part:
+            stop = start + module.weight.shape[0]
+            with torch.no_grad():
+                module.weight.copy_(res.weight[start:stop].to(module.weight.dtype))
+            span = slice(start * per_row, stop * per_row)
+            out.append((name, GptqResult(module.weight, res.scale[span], res.zero[span], res.g_idx)))
+            start = stop
+    return out
+
+
+def wrap_result(method: QuantMethod, ctx: BlockContext, name: str, result: GptqResult) -> FakeQuantLinear:
+    """Replace block linear `name` by a fake-quant linear of `method` holding `result`'s params and
+    g_idx, so its `fake_weight()` is Q exactly (a `GroupIndexFakeQuantLinear` for act-order groups)."""
+    natural = natural_g_idx(result.weight.shape[1], method.weight_quantizer, result.g_idx.device)
+    cls = FakeQuantLinear if torch.equal(result.g_idx, natural) else GroupIndexFakeQuantLinear
+    fq = cls.wrap(ctx.block, name, method.weight_quantizer, method.act_quantizer,
+                  act_static=method.quant.act is not None and method.quant.act.static)
+    fq.set_weight_qparams(result.scale, result.zero)
+    fq.register_buffer("g_idx", result.g_idx.to(fq.weight.device), persistent=False)
+    return fq
 
 
 def children_targets(ctx: BlockContext) -> dict[str, set[str]]:
@@ -228,6 +286,8 @@ class GPTQ(QuantMethod):
 
     def process_block(self, ctx: BlockContext) -> None:
         groups = [list(mods.items()) for _, mods in ctx.groups()]
+        if not groups:  # e.g. every linear already quantized by SparseGPT's joint mode
+            return
         results: list[tuple[str, GptqResult]] = []
         if self.special.true_sequential:
             # A child of the block whose linears are all quantized, and which ran to completion in a
@@ -262,40 +322,14 @@ class GPTQ(QuantMethod):
         self, ctx: BlockContext, group: list[tuple[str, nn.Module]], hessian: Tensor
     ) -> list[tuple[str, GptqResult]]:
         """GPTQ the group's linears and write Q into their float weights (which the results then hold)."""
-        sp, wq = self.special, self.weight_quantizer
-        # Rows are independent given H, so linears sharing it run as one stacked weight,
-        # except per_tensor where each linear needs its own single range.
-        parts = [[item] for item in group] if wq.granularity == "per_tensor" else [group]
-        out = []
-        for part in parts:
-            weight = torch.cat([m.weight for _, m in part])
-            try:
-                res = gptq_quantize(weight, hessian, wq.for_dtype(weight.dtype), sp.blocksize, sp.percdamp,
-                                    sp.actorder, sp.static_groups, consume_hessian=len(parts) == 1,
-                                    keep_zeros=any(is_pruned(m) for _, m in part))
-            except NumericsError as exc:
-                names = ", ".join(n for n, _ in part)
-                raise NumericsError(f"GPTQ on block {ctx.index} ({names}): {exc}") from None
-            per_row = res.scale.shape[0] // weight.shape[0]
-            start = 0
-            for name, module in part:
-                stop = start + module.weight.shape[0]
-                with torch.no_grad():
-                    module.weight.copy_(res.weight[start:stop].to(module.weight.dtype))
-                span = slice(start * per_row, stop * per_row)
-                out.append((name, GptqResult(module.weight, res.scale[span], res.zero[span], res.g_idx)))
-                start = stop
-        return out
+        sp = self.special
+
+        def solve(weight, hessian, quantizer, consume, part):
+            return gptq_quantize(weight, hessian, quantizer, sp.blocksize, sp.percdamp, sp.actorder,
+                                 sp.static_groups, consume_hessian=consume,
+                                 keep_zeros=any(is_pruned(m) for _, m in part))
+
+        return solve_group(group, hessian, self.weight_quantizer, solve, f"GPTQ on block {ctx.index}")
 
     def wrap(self, ctx: BlockContext, name: str, result: GptqResult) -> None:
-        in_features = result.weight.shape[1]
-        natural = natural_g_idx(in_features, self.weight_quantizer, result.g_idx.device)
-        if torch.equal(result.g_idx, natural):
-            fq = self.wrap_linear(ctx, name)
-        else:
-            fq = GroupIndexFakeQuantLinear.wrap(
-                ctx.block, name, self.weight_quantizer, self.act_quantizer,
-                act_static=self.quant.act is not None and self.quant.act.static,
-            )
-        fq.set_weight_qparams(result.scale, result.zero)
-        fq.register_buffer("g_idx", result.g_idx.to(fq.weight.device), persistent=False)
+        wrap_result(self, ctx, name, result)

@@ -32,22 +32,27 @@ _LIMIT = 4194304.0
 
 
 def quantize_block_torch(
-    W1: Tensor, Hinv1: Tensor, S1: Tensor, Z1: Tensor, qmin: int, qmax: int, prune1: Tensor | None = None
+    W1: Tensor, Hinv1: Tensor, S1: Tensor | None, Z1: Tensor | None, qmin: int, qmax: int,
+    prune1: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Quantize the columns of `W1` [rows, width] in order; returns (Q1, Err1).
 
     `S1`/`Z1` are the scale and zero point of each column, `[rows, width]`, or `[rows, 1]` when
-    the whole block shares them. `W1` is updated in place. Weights where the bool `prune1` is
-    set are quantized to zero (a pruned model keeps its zeros; their error is spread as well).
+    the whole block shares them; None: no rounding (SparseGPT pruning alone). `W1` is updated in
+    place (a column view of a wider block works). Weights where the bool `prune1` is set become
+    zero (a pruned model keeps its zeros; their error is spread as well).
     """
     Q1 = torch.empty_like(W1)
     Err1 = torch.empty_like(W1)
-    per_col = S1.shape[1] > 1
+    per_col = S1 is not None and S1.shape[1] > 1
     for i in range(W1.shape[1]):
-        s = S1[:, i] if per_col else S1[:, 0]
-        z = Z1[:, i] if per_col else Z1[:, 0]
         w = W1[:, i]
-        q = (torch.clamp(torch.round(w / s) + z, qmin, qmax) - z) * s
+        if S1 is None:
+            q = w
+        else:
+            s = S1[:, i] if per_col else S1[:, 0]
+            z = Z1[:, i] if per_col else Z1[:, 0]
+            q = (torch.clamp(torch.round(w / s) + z, qmin, qmax) - z) * s
         if prune1 is not None:
             q = q.masked_fill(prune1[:, i], 0)
         Q1[:, i] = q
@@ -132,9 +137,10 @@ def use_triton(W1: Tensor) -> bool:
 
 
 def quantize_block(
-    W1: Tensor, Hinv1: Tensor, S1: Tensor, Z1: Tensor, qmin: int, qmax: int, prune1: Tensor | None = None
+    W1: Tensor, Hinv1: Tensor, S1: Tensor | None, Z1: Tensor | None, qmin: int, qmax: int,
+    prune1: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    if prune1 is not None:  # the Triton kernel has no mask: pruned models take the torch loop
+    if prune1 is not None or S1 is None:  # the Triton kernel has no mask: pruned models take the torch loop
         return quantize_block_torch(W1, Hinv1, S1, Z1, qmin, qmax, prune1)
     fn = quantize_block_triton if use_triton(W1) else quantize_block_torch
     return fn(W1, Hinv1, S1, Z1, qmin, qmax)

@@ -1,11 +1,12 @@
 """The Hessian of a layer's reconstruction loss, shared by GPTQ and SparseGPT (both are optimal
 brain surgeon updates with H = 2/n X^T X of the layer's input): accumulation from the block's
-calibration forward, and the upper Cholesky factor of the damped inverse.
+calibration forward, the upper Cholesky factor of the damped inverse, and the sweep over the
+columns in blocks with lazy batch updates that both solvers run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +51,43 @@ def inverse_hessian_cholesky(hessian: Tensor, percdamp: float) -> Tensor:
         f"({DAMP_RETRIES} tries from percdamp); the calibration activations are degenerate or not finite: "
         f"use more or other calibration data, a larger quant.special.percdamp, or model.torch_dtype: float32"
     )
+
+
+def obs_problem(weight: Tensor, hessian: Tensor, consume_hessian: bool = False) -> tuple[Tensor, Tensor]:
+    """float32 copies of `weight` `[out, in]` and its input's `hessian` `[in, in]` for a solve.
+
+    With `consume_hessian` a float32 Hessian is used in place instead of copied (one `[in, in]`
+    less at the peak); the caller must not reuse it. A column whose input is always zero does not
+    matter: its weights are zeroed (they cannot widen a range) and its diagonal set to 1.
+    """
+    W = weight.detach().float().clone()
+    H = hessian.detach().to(W.device, torch.float32)
+    if H.data_ptr() == hessian.data_ptr() and not consume_hessian:
+        H = H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    return W, H
+
+
+BlockSolver = Callable[[int, int, Tensor], tuple[Tensor, Tensor]]
+"""`(i1, i2, W1)`: round and/or prune the columns `i1:i2` of a sweep, given `W1`, a copy of them
+updated by every earlier block; returns (Q1, Err1), the new columns and their scaled errors."""
+
+
+def obs_sweep(W: Tensor, U: Tensor, blocksize: int, solve_block: BlockSolver) -> Tensor:
+    """The column sweep of GPTQ and SparseGPT (lazy batch updates): the columns of `W` in blocks of
+    `blocksize`; each block is solved by `solve_block` (which spreads each column's error over the
+    block's later columns) and its errors then update all later columns at once through the rows
+    `U[i1:i2, i2:]` of the inverse-Hessian factor. `W` is updated in place; returns Q."""
+    Q = torch.zeros_like(W)
+    cols = W.shape[1]
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        Q1, Err1 = solve_block(i1, i2, W[:, i1:i2].clone())
+        Q[:, i1:i2] = Q1
+        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
+    return Q
 
 
 def add_gram(total: Tensor | None, x: Tensor) -> Tensor:

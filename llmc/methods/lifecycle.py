@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from llmc.models.adapter import ModelAdapter
 from llmc.pipeline.blockwise import BlockContext
+from llmc.pipeline.checkpoint import decode_state, encode_state
 
 
 @dataclass
@@ -41,6 +42,18 @@ class CompressionMethod:
     name: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
     needs_calibration: ClassVar[bool] = True
+    state_attrs: ClassVar[tuple[str, ...]] = ("stage_seconds",)
+    """Attributes (JSON-able: numbers, strings, lists, dicts) that carry the method's state from one
+    block to the next; a resumed run gets them back from the checkpoint (`llmc.pipeline.checkpoint`)."""
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {a: encode_state(getattr(self, a)) for a in self.state_attrs if hasattr(self, a)}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        for attr, value in state.items():
+            if attr in self.state_attrs:
+                setattr(self, attr, decode_state(value))
+
     @property
     def wants_statistics_pass(self) -> bool:
         """Whether `collect_block` must see every block before any block is processed."""

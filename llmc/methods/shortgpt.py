@@ -30,6 +30,7 @@ PER_LAYER_CONFIG_LISTS = ("layer_types", "no_rope_layers", "sliding_window_patte
 class ShortGPT(SparseMethod):
     name = "ShortGPT"
     prunes_weights = False
+    state_attrs = (*SparseMethod.state_attrs, "influence")
 
     def __init__(self, sparse) -> None:
         super().__init__(sparse)

@@ -83,6 +83,7 @@ class SparseMethod(CompressionMethod):
     """Whether blocks should by default see the pruned earlier blocks' outputs (`sparse.sparsity_out`)."""
     prunes_weights: ClassVar[bool] = True
     """False for methods that remove whole blocks (ShortGPT) instead of zeroing weights."""
+    state_attrs = ("stage_seconds", "outlier_ratios", "pruned")
 
     def __init__(self, sparse: SparseSection) -> None:
         self.sparse = sparse

@@ -281,8 +281,12 @@ class BlockwisePipeline:
         targets: Callable[[int], list[str]] | None = None,
         observe: Callable[[BlockContext], contextlib.AbstractContextManager] | None = None,
         after: Callable[[BlockContext, list[Tensor] | None], None] | None = None,
+        first: int = 0,
     ) -> BlockInputs | None:
         """Process every block in order; returns the last block's outputs (None without inputs).
+
+        `first`: the blocks before it are already processed (a resumed run) and `inputs` hold
+        block `first`'s hidden states.
 
         `observe(ctx)` is a context the forward of the float block runs in, when there is one
         (without `quant_out`): a method may record what it needs there instead of running its own.
@@ -290,8 +294,9 @@ class BlockwisePipeline:
         """
         blocks = self.adapter.get_blocks(self.model)
         if inputs is not None:
-            check_finite(inputs.hidden, "entering block 0")
-        bar = tqdm(range(len(blocks)), desc=self.desc, unit="block", disable=not self.progress)
+            check_finite(inputs.hidden, f"entering block {first}")
+        bar = tqdm(range(first, len(blocks)), desc=self.desc, unit="block", disable=not self.progress,
+                   initial=first, total=len(blocks))
         for index in bar:
             start = time.perf_counter()
             block = blocks[index]
@@ -330,6 +335,31 @@ class BlockwisePipeline:
             trip.come_back()
             self._lap("offload", lap)
             self.block_seconds.append(time.perf_counter() - start)
+        bar.close()
+        return inputs
+
+
+    def replay(self, inputs: BlockInputs | None, finished: int, restore: Callable[[int], None]) -> BlockInputs | None:
+        """A resumed run: put blocks 0..`finished` back (`restore(index)`) and return the inputs of block
+        `finished + 1`, computed as the original run did: the outputs of the processed block (with
+        `quant_out`) or of the block as loaded, before it is restored."""
+        blocks = self.adapter.get_blocks(self.model)
+        bar = tqdm(range(finished + 1), desc="resume", unit="block", disable=not self.progress)
+        for index in bar:
+            if inputs is None:
+                restore(index)
+                continue
+            inputs = inputs.for_block(index)
+            trip = ModuleHome(blocks[index], self.device)
+            trip.leave()
+            ctx = BlockContext(index=index, block=blocks[index], adapter=self.adapter, inputs=inputs,
+                               device=self.device, targets=[])
+            if self.quant_out:
+                restore(index)
+            outs = ctx.forward()
+            restore(index)  # (again with quant_out) buffers a forward updates, e.g. MoE routing counts
+            inputs = inputs.with_hidden(outs)
+            trip.come_back()
         bar.close()
         return inputs
 
