@@ -23,3 +23,7 @@ class ModelError(LlmcError):
 
 class NumericsError(LlmcError):
     """NaN or Inf appeared in activations during calibration or evaluation."""
+
+
+class OutputError(LlmcError):
+    """An output or a resume checkpoint could not be written (disk full, permissions)."""

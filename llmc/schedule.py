@@ -176,8 +176,13 @@ def compress_batches(
             checkpoint.save_block(ctx.index, ctx.block, methods)
 
     # Only the first method sees the block as it came; the others see it transformed.
-    pipeline.run(inputs, process, targets=lambda i: targets_of(methods[0], i), observe=methods[0].observe,
-                 after=after, first=first)
+    try:
+        pipeline.run(inputs, process, targets=lambda i: targets_of(methods[0], i), observe=methods[0].observe,
+                     after=after, first=first)
+    except BaseException:
+        if checkpoint is not None:
+            checkpoint.wait(quiet=True)  # a failed or interrupted run keeps every block it finished
+        raise
     if checkpoint is not None:
         checkpoint.wait()
     for method in methods:

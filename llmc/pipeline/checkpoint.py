@@ -39,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from llmc.errors import ConfigError
+from llmc.errors import ConfigError, OutputError
 from llmc.quant.fake_linear import FakeQuantLinear
 
 log = logging.getLogger("llmc")
@@ -256,14 +256,19 @@ class RunCheckpoint:
         except BaseException as exc:  # re-raised in the main thread by wait()
             self._error = exc
 
-    def wait(self) -> None:
-        """Block until the last checkpoint is on disk (re-raising a write failure)."""
+    def wait(self, quiet: bool = False) -> None:
+        """Block until the last checkpoint is on disk (re-raising a write failure unless `quiet`)."""
         if self._writer is not None:
             self._writer.join()
             self._writer = None
         if self._error is not None:
             error, self._error = self._error, None
-            raise OSError(f"could not write the resume checkpoint in {self.folder}: {error}") from None
+            if quiet:
+                return
+            raise OutputError(
+                f"could not write the resume checkpoint in {self.folder} ({error}); free disk space there, "
+                f"or set save.checkpoint: false"
+            ) from None
 
     def restore_methods(self, state: dict, methods: Sequence[Any]) -> None:
         """Give the methods their state and the process its RNG state as they were after the last
