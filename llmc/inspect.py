@@ -22,10 +22,11 @@ import os
 import re
 import stat
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmc.errors import ModelError
+from llmc.errors import LlmcError, ModelError
 from llmc.inspect_sparsity import (
     checkpoint_sparsity,
     declared_sparsity,
@@ -189,22 +190,17 @@ def json_kind(value: object) -> str:
 
 # ---------------------------------------------------------------- safetensors headers
 
-def header_tensors(file: Path) -> list[Tensor]:
-    """The tensors a safetensors file declares, from its header alone (read with a bounded read and checked
-    against the file's size the way the safetensors library checks it)."""
-    fix = "re-save or re-download the checkpoint"
+def safetensors_header(file: Path, bad: Callable[[str], LlmcError], fix: str) -> tuple[dict, int]:
+    """A safetensors file's JSON header (an object) and the size of its data section, from a bounded
+    read of a regular file; `bad(why)` makes the error for a malformed file."""
     size = regular_size(file, fix)
-
-    def bad(why: str) -> CheckpointError:
-        return CheckpointError(f"{printable(file)} is not a readable safetensors file ({why}); {fix}")
-
     if size < 8:
         raise bad(f"{size} bytes, shorter than its 8-byte header length")
     n = int.from_bytes(read_regular(file, fix, 8), "little")
     if n > MAX_HEADER_BYTES:
         raise bad(f"a header of {n:,} bytes, over the {MAX_HEADER_BYTES:,} bytes inspect reads")
     if 8 + n > size:
-        raise bad(f"a header of {n:,} bytes in a file of {size:,}: truncated")
+        raise bad(f"a header of {n:,} bytes does not fit in a file of {size:,}: truncated")
     raw = read_regular(file, fix, n, start=8)
     if len(raw) != n:
         raise bad("the file shrank while reading")
@@ -214,7 +210,18 @@ def header_tensors(file: Path) -> list[Tensor]:
         raise bad(f"its header is not valid JSON: {printable(exc) or 'nested too deeply'}") from None
     if not isinstance(header, dict):
         raise bad(f"its header is {json_kind(header)}, not an object")
-    data_len = size - 8 - n
+    return header, size - 8 - n
+
+
+def header_tensors(file: Path) -> list[Tensor]:
+    """The tensors a safetensors file declares, from its header alone (read with a bounded read and checked
+    against the file's size the way the safetensors library checks it)."""
+    fix = "re-save or re-download the checkpoint"
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{printable(file)} is not a readable safetensors file ({why}); {fix}")
+
+    header, data_len = safetensors_header(file, bad, fix)
     out = []
     for name, entry in header.items():
         if name == "__metadata__":

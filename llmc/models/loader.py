@@ -9,12 +9,14 @@ import math
 import os
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from llmc.config.schema import ModelSection
 from llmc.errors import ModelError
+from llmc.inspect import safetensors_header
 from llmc.models.adapter import ModelAdapter
 from llmc.models.convert import find_converter, load_tokenizer, remote_code_error
 from llmc.models.registry import get_adapter
@@ -79,7 +81,6 @@ def check_model_paths(cfg: ModelSection) -> None:
 
 
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
-SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
 # Bits per element of every safetensors dtype (sub-byte float formats included).
 SAFETENSORS_BITS = {
     "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
@@ -166,27 +167,7 @@ def _check_safetensors(path: str) -> None:
             f"safetensors file {path} is corrupt or truncated ({problem}); re-download or re-export the checkpoint"
         )
 
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise bad(f"{size} bytes, shorter than the 8-byte header length")
-            (n,) = struct.unpack("<Q", head)
-            if n > SAFETENSORS_MAX_HEADER or 8 + n > size:
-                raise bad(f"header of {n} bytes does not fit in the file's {size} bytes")
-            raw = f.read(n)
-    except OSError as exc:
-        raise ModelError(f"cannot read {path} ({_first_line(exc)}); check the file's permissions") from None
-    if not raw.startswith(b"{"):
-        raise bad("header is not a JSON object")
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise bad("header is not valid JSON") from None
-    if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
-    data_size = size - 8 - n
+    header, data_size = safetensors_header(Path(path), bad, "re-download or re-export the checkpoint")
     spans = []
     for name, info in header.items():
         if name == "__metadata__":
