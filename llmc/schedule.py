@@ -82,7 +82,7 @@ def check_methods(cfg: LlmcConfig, methods: list[CompressionMethod], model: nn.M
             widths = [blocks[i].get_submodule(n).in_features for i in range(len(blocks))
                       for n in method_targets(cfg, method, adapter, blocks[i], i)]
             method.check_model(len(blocks), widths)
-        elif cfg.quant is not None and method is methods[-1]:
+        elif cfg.quant is not None and method is quantizing_method(methods):
             check_group_size(cfg, model, adapter)
 
 
@@ -104,9 +104,14 @@ def check_group_size(cfg: LlmcConfig, model: nn.Module, adapter: ModelAdapter) -
                 )
 
 
+def quantizing_method(methods: list[CompressionMethod]) -> QuantMethod | None:
+    """The quantization method that leaves the blocks quantized (None: no quantization)."""
+    return next((m for m in methods if isinstance(m, QuantMethod) and m.final), None)
+
+
 def restore_wrap(methods: list[CompressionMethod]) -> Wrap | None:
-    """How a resumed run re-creates the fake-quant linears: as the quantizing (last) method does."""
-    final = methods[-1] if methods and isinstance(methods[-1], QuantMethod) else None
+    """How a resumed run re-creates the fake-quant linears: as the quantizing method does."""
+    final = quantizing_method(methods)
     return final.restore_linear if final is not None else None
 
 
@@ -119,7 +124,7 @@ def compress_batches(
     inputs for `batches` (token ids), the statistics pass if asked for, the block loop, and the
     model-level finish. With `checkpoint` every finished block is checkpointed; with `resume`
     (a checkpoint's state) the finished blocks are restored and the loop goes on after them."""
-    mctx = ModelContext(model, adapter)
+    mctx = ModelContext(model, adapter, device=device, seed=cfg.base.seed)
     for method in methods:
         method.prepare_model(mctx)
     blocks = adapter.get_blocks(model)
@@ -165,6 +170,9 @@ def compress_batches(
     def process(ctx: BlockContext) -> None:
         kill_point(f"block:{ctx.index}")
         check_block_weights(ctx.block, f"{adapter.blocks}.{ctx.index}")  # NaN/Inf weights: refuse, named
+        for method in methods:
+            ctx.targets = targets_of(method, ctx.index)
+            method.prepare_block(ctx)
         for method in methods:
             ctx.targets = targets_of(method, ctx.index)
             method.process_block(ctx)

@@ -226,7 +226,11 @@ class WeightQuantSection(Section):
         "per_group", description="Rows sharing a scale: per_tensor, per_channel (output row), per_group."
     )
     group_size: int = Field(128, description="Input features per group for per_group; -1 otherwise.")
-    calib_algo: Literal["minmax", "mse"] = Field("minmax", description="Range: min/max or MSE clip search.")
+    calib_algo: Literal["minmax", "mse", "percentile", "learnable"] = Field(
+        "minmax", description="Range: min/max, MSE clip search, percentile, or learnable (trained clipping: "
+        "OmniQuant, FlatQuant)."
+    )
+    percentile: float = Field(99.9, gt=50, le=100, description="calib_algo percentile: upper percentile kept.")
     partial_group: bool = Field(
         False, description="Allow a narrower last group where group_size does not divide the input features."
     )
@@ -258,7 +262,11 @@ class ActQuantSection(Section):
         "per_token", description="One scale per token (dynamic) or per tensor."
     )
     static: bool = Field(False, description="Calibrate one fixed range (per_tensor only) instead of dynamic.")
-    calib_algo: Literal["minmax", "mse"] = Field("minmax", description="Range: min/max or MSE clip search.")
+    calib_algo: Literal["minmax", "mse", "percentile", "learnable"] = Field(
+        "minmax", description="Range: min/max, MSE clip search, percentile, or learnable (trained clipping: "
+        "OmniQuant, FlatQuant)."
+    )
+    percentile: float = Field(99.9, gt=50, le=100, description="calib_algo percentile: upper percentile kept.")
 
     @model_validator(mode="before")
     @classmethod

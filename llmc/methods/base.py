@@ -19,8 +19,7 @@ from llmc.errors import ConfigError
 from llmc.methods.lifecycle import CompressionMethod
 from llmc.pipeline.blockwise import BlockContext
 from llmc.quant.fake_linear import FakeQuantLinear
-from llmc.quant.fp8 import FP8Quantizer
-from llmc.quant.quantizer import IntQuantizer
+from llmc.quant.registry import Quantizer, build_quantizer
 
 METHODS: dict[str, type[QuantMethod]] = {}
 
@@ -37,6 +36,12 @@ class QuantMethod(CompressionMethod):
     """Whether the method works with float-quant (FP8) quantizers, not only integer grids."""
     prefers_quant_out: ClassVar[bool] = False
     """Whether blocks should by default see the quantized earlier blocks' outputs (`quant.quant_out`)."""
+    trains_clipping: ClassVar[bool] = False
+    """Whether the method trains the weight clipping (`calib_algo: learnable` needs one that does)."""
+    tunes_quantized: ClassVar[bool] = False
+    """Whether the method tunes a block after it is quantized (NormTweaking): placed after the quantizing
+    method of a composition (`method: [GPTQ, NormTweaking]`), it leaves the quantization to that method;
+    alone, it quantizes (RTN) and then tunes."""
 
     def __init__(self, quant: QuantSection, special: dict | None = None, final: bool = True) -> None:
         self.quant = quant
@@ -58,6 +63,12 @@ class QuantMethod(CompressionMethod):
             raise ConfigError(
                 f"{self.name} does not support quant_type: float-quant (FP8); use {floats}, or int-quant"
             )
+        if quant.weight.calib_algo == "learnable" and final and not self.trains_clipping:
+            trainers = ", ".join(sorted(c.name for c in set(METHODS.values()) if c.trains_clipping))
+            raise ConfigError(
+                f"quant.weight.calib_algo learnable needs a method that trains the clipping ({trainers}); "
+                f"{self.name} does not: use minmax, mse or percentile"
+            )
         self.weight_quantizer = build_weight_quantizer(quant.weight)
         self.act_quantizer = build_act_quantizer(quant.act) if quant.act is not None else None
 
@@ -69,6 +80,11 @@ class QuantMethod(CompressionMethod):
     @property
     def uses_calibration(self) -> bool:
         return self.needs_calibration or (self.quant.act is not None and self.quant.act.static)
+
+    def export_refusal(self, save_flags: list[str]) -> str | None:
+        """Why this method's result cannot be written as the requested `save.*` flags (those set, e.g.
+        `["save_trans", "save_vllm"]`), as one error line; None when it can. Checked before calibration."""
+        return None
 
     def wrap_linear(self, ctx: BlockContext, name: str) -> FakeQuantLinear | None:
         """Replace block linear `name` by a fake-quant linear with this config's quantizers.
@@ -90,20 +106,13 @@ class QuantMethod(CompressionMethod):
                         act_static=self.quant.act is not None and self.quant.act.static)
 
 
-def build_weight_quantizer(w: WeightQuantSection) -> IntQuantizer | FP8Quantizer:
-    """The weight quantizer of a config: an integer grid, or FP8 e4m3 for quant_type float-quant."""
-    if w.quant_type == "float-quant":
-        return FP8Quantizer(granularity=w.granularity, calib_algo=w.calib_algo, bit=w.bit)
-    return IntQuantizer(
-        bit=w.bit, symmetric=w.symmetric, granularity=w.granularity, group_size=w.group_size,
-        calib_algo=w.calib_algo, partial_group=w.partial_group,
-    )
+def build_weight_quantizer(w: WeightQuantSection) -> Quantizer:
+    """The weight quantizer of a config (by its quant_type, `llmc.quant.registry`)."""
+    return build_quantizer(w, "weight")
 
 
-def build_act_quantizer(a: ActQuantSection) -> IntQuantizer | FP8Quantizer:
-    if a.quant_type == "float-quant":
-        return FP8Quantizer(granularity=a.granularity, calib_algo=a.calib_algo, bit=a.bit)
-    return IntQuantizer(bit=a.bit, symmetric=a.symmetric, granularity=a.granularity, calib_algo=a.calib_algo)
+def build_act_quantizer(a: ActQuantSection) -> Quantizer:
+    return build_quantizer(a, "act")
 
 
 def register_method(cls: type[QuantMethod]) -> type[QuantMethod]:
@@ -122,12 +131,30 @@ def method_class(name: str) -> type[QuantMethod]:
     return cls
 
 
+def quantizing_index(classes: list[type[QuantMethod]]) -> int:
+    """Which method of a composition quantizes: the last one that is not a tuner (`tunes_quantized`),
+    which may only come after it; with tuners alone, the last tuner."""
+    plain = [i for i, c in enumerate(classes) if not c.tunes_quantized]
+    if not plain:
+        return len(classes) - 1
+    last = plain[-1]
+    early = [c.name for c in classes[:last] if c.tunes_quantized]
+    if early:
+        raise ConfigError(
+            f"quant.method: {early[0]} tunes a quantized block, so it must come after {classes[last].name} "
+            f"(e.g. [{classes[last].name}, {early[0]}])"
+        )
+    return last
+
+
 def get_methods(quant: QuantSection) -> list[QuantMethod]:
-    """The configured methods in order; only the last one quantizes, the others transform."""
+    """The configured methods in order; one of them quantizes (`quantizing_index`), those before it
+    transform, those after it tune the quantized block."""
     names = quant.methods
     classes = [method_class(n) for n in names]
     if len(names) == 1:
         return [classes[0](quant)]
+    final = quantizing_index(classes)
     keys = {k.lower(): k for k in quant.special}
     known = {n.lower() for n in names} | {k.lower() for c in classes for k in (c.name, *c.aliases)}
     for key in keys:
@@ -140,10 +167,10 @@ def get_methods(quant: QuantSection) -> list[QuantMethod]:
     for i, cls in enumerate(classes):
         match = [keys[k] for k in keys if method_class(k) is cls] if keys else []
         special = quant.special[match[0]] if match else {}
-        methods.append(cls(quant, special=special or {}, final=i == len(names) - 1))
+        methods.append(cls(quant, special=special or {}, final=i == final))
     return methods
 
 
 def get_method(quant: QuantSection) -> QuantMethod:
-    """The single configured method (the last one of a composition)."""
-    return get_methods(quant)[-1]
+    """The quantizing method of the configuration (the only one, or the one of a composition that quantizes)."""
+    return next(m for m in get_methods(quant) if m.final)

@@ -7,7 +7,8 @@ The pipeline owns the schedule and calls, in order:
 2. when a method asks for it (`wants_statistics_pass`), `collect_block(ctx)` for every block in
    a read-only pass over the model (model-wide statistics, e.g. OWL's outlier ratios);
 3. per block: `observe(ctx)` (asked of the first method: a context the pipeline's float
-   forward runs in), `process_block(ctx)` (transform, prune, quantize the block),
+   forward runs in), `prepare_block(ctx)` (every method, before any method changes the
+   block: e.g. record the float block's outputs as a training target), `process_block(ctx)` (transform, prune, quantize the block),
    `after_block(ctx, outputs)` (the outputs that feed the next block, e.g. ShortGPT's block
    influence);
 4. `finish_model(mctx)`: once, after the last block (drop blocks, re-tie).
@@ -21,6 +22,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from llmc.models.adapter import ModelAdapter
@@ -34,6 +36,10 @@ class ModelContext:
 
     model: nn.Module
     adapter: ModelAdapter
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    """The compute device of the run (a model-level step may move one block at a time there)."""
+    seed: int = 42
+    """The run's seed (base.seed), for model-level random choices (random rotations)."""
     results: dict[str, Any] = field(default_factory=dict)
     """Entries a method adds to results.json (under its name)."""
 
@@ -74,6 +80,9 @@ class CompressionMethod:
         (before `process_block`, when the next block is fed from unchanged outputs; asked of the
         first method only), so a method can observe that forward instead of running its own."""
         return contextlib.nullcontext()
+
+    def prepare_block(self, ctx: BlockContext) -> None:
+        """Sees the block before any method of the run changes it (after `observe`)."""
 
     def process_block(self, ctx: BlockContext) -> None:
         raise NotImplementedError

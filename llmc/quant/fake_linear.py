@@ -1,5 +1,13 @@
 """A linear layer that fake-quantizes its weight and, when configured, its input activations.
 
+The quantized linear of llmc: one per module, with its own scheme (weight and activation
+quantizers, so one model may mix bits and formats), a weight clipping that can be learned
+(`weight_clip`, OmniQuant's LWC; `freeze_clip` turns it into fixed scales), and input transforms
+applied before the activation quantizer (`input_transform`: an online rotation such as QuaRot's
+Hadamard before down_proj, whose inverse is already in the weight; `act_clip`: a learned clipping
+of the activation ranges). Offline transforms (equivalent scales and shifts, fused rotations,
+masks) are folded into `weight` itself before wrapping.
+
 The float weight stays in `weight` (the transformed model), with the weight quantizer's
 scale and zero point beside it; the fake-quantized weight is computed on the fly, so
 `llmc.quant.quant_disabled` gives the transformed float model back without a second
@@ -20,13 +28,41 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmc.quant.fp8 import FP8Quantizer
-from llmc.quant.quantizer import IntQuantizer, representable_scale
-
-Quantizer = IntQuantizer | FP8Quantizer
+from llmc.quant.observers import LearnableClip
+from llmc.quant.quantizer import representable_scale
+from llmc.quant.registry import Quantizer
 PRUNED = "llmc_pruned"
 """Attribute set on a pruned linear (`llmc.methods.sparse_base.mark_pruned`): a later quantization (GPTQ)
 keeps its zeros, and the export records the sparsity; a FakeQuantLinear keeps the mark of the linear it wraps."""
+
+
+class TransformedLinear(nn.Linear):
+    """A float linear whose input goes through `input_transform` first (an online rotation whose
+    inverse is folded into the weight): what a transformed but unquantized linear becomes."""
+
+    def __init__(self, linear: nn.Linear, input_transform: nn.Module) -> None:
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight = linear.weight
+        self.bias = linear.bias
+        if getattr(linear, PRUNED, False):
+            setattr(self, PRUNED, True)
+        self.input_transform = input_transform
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.input_transform(x), self.weight, self.bias)
+
+
+def set_input_transform(parent: nn.Module, name: str, transform: nn.Module) -> nn.Module:
+    """Give linear `parent.<name>` (plain, transformed or fake-quant) the online input `transform`."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = parent.get_submodule(owner_name) if owner_name else parent
+    module = getattr(owner, attr)
+    if isinstance(module, (FakeQuantLinear, TransformedLinear)):
+        module.input_transform = transform
+        return module
+    wrapped = TransformedLinear(module, transform)
+    setattr(owner, attr, wrapped)
+    return wrapped
 
 
 class FakeQuantLinear(nn.Module):
@@ -46,6 +82,9 @@ class FakeQuantLinear(nn.Module):
             setattr(self, PRUNED, True)
         self.weight_quantizer = weight_quantizer.for_dtype(linear.weight.dtype)
         self.act_quantizer = act_quantizer
+        self.input_transform: nn.Module | None = getattr(linear, "input_transform", None)
+        self.weight_clip: LearnableClip | None = None
+        self.act_clip: LearnableClip | None = None
         self.act_static = act_static
         self.enabled = True
         self.observing = False
@@ -85,11 +124,31 @@ class FakeQuantLinear(nn.Module):
         self.w_zero = zero.to(self.weight.device)
 
     def fake_weight(self) -> Tensor:
+        if self.weight_clip is not None:  # trained clipping: the range keeps its gradient
+            wq = self.weight_quantizer
+            scale, zero = wq.params_from_range(*self.weight_clip(wq.rows(self.weight).float()))
+            return wq.quant_dequant(self.weight, scale, zero)
         return self.weight_quantizer.quant_dequant(self.weight, self.w_scale, self.w_zero)
 
+    def learn_clipping(self, init: float = 4.0) -> LearnableClip:
+        """Start learned weight clipping (one pair of logits per row that shares a scale)."""
+        rows = self.weight_quantizer.rows(self.weight.detach()).shape[0]
+        self.weight_clip = LearnableClip(rows, init, device=self.weight.device)
+        return self.weight_clip
+
+    @torch.no_grad()
+    def freeze_clip(self) -> None:
+        """Fix the learned clipping's ranges as this layer's scales and zero points."""
+        if self.weight_clip is not None:
+            wq = self.weight_quantizer
+            self.set_weight_qparams(*wq.params_from_range(*self.weight_clip(wq.rows(self.weight).float())))
+            self.weight_clip = None
+
     def as_linear(self) -> nn.Linear:
-        """A plain nn.Linear that shares this layer's float weight and bias."""
+        """A float linear that shares this layer's weight and bias (and its online input transform)."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        if self.input_transform is not None:
+            linear = TransformedLinear(linear, self.input_transform)
         linear.weight = self.weight
         linear.bias = self.bias
         if getattr(self, PRUNED, False):
@@ -110,6 +169,9 @@ class FakeQuantLinear(nn.Module):
             if self.a_scale.numel() == 0:
                 raise RuntimeError("static activation range used before calibration")
             return aq.quant_dequant(x, self.a_scale, self.a_zero)
+        if self.act_clip is not None:
+            scale, zero = aq.params_from_range(*self.act_clip(aq.rows(x).float()))
+            return aq.quant_dequant(x, scale, zero)
         return aq.fake_quant(x)
 
     def finish_observing(self) -> None:
@@ -122,6 +184,8 @@ class FakeQuantLinear(nn.Module):
         self._a_min = self._a_max = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.input_transform is not None:
+            x = self.input_transform(x)
         if not self.enabled:
             return F.linear(x, self.weight, self.bias)
         if not self.reuse_weight:
@@ -136,7 +200,8 @@ class FakeQuantLinear(nn.Module):
         if wq.granularity == "per_group":
             w += f" g{wq.group_size}"
         a = f", a{aq.bit} {aq.granularity}{' static' if self.act_static else ''}" if aq else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, {w}{a}"
+        t = f", input {type(self.input_transform).__name__}" if self.input_transform is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {w}{a}{t}"
 
 
 def fake_quant_modules(model: nn.Module) -> list[tuple[str, FakeQuantLinear]]:

@@ -5,7 +5,7 @@ and cast to `torch.float8_e4m3fn` (round to nearest even), then multiplied back 
 scale. The scale is `absmax / 448` per tensor, per output channel (weights) or per token
 (activations), so the largest magnitude of each row maps to 448; there is no zero point
 (`zero` is all zeros and only kept so callers can treat both quantizers alike). Ranges come
-from `minmax` or `mse` (the same clipping-ratio grid search as the integer quantizer).
+from an observer of `llmc.quant.observers` (minmax, mse, percentile), as for the integer quantizer.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from llmc.quant.observers import OBSERVERS, mse_search, observe_range
 from llmc.quant.quantizer import HALF_DTYPES, representable_scale
 
 FP8_E4M3_MAX = 448.0
@@ -38,6 +39,7 @@ class FP8Quantizer:
     partial_group: bool = False
     mse_grid: int = 100
     mse_maxshrink: float = 0.8
+    percentile: float = 99.9
     scale_dtype: torch.dtype | None = None
     """fp16/bf16: scales are rounded to this dtype (see IntQuantizer.scale_dtype)."""
 
@@ -50,8 +52,8 @@ class FP8Quantizer:
             raise ValueError(f"float quantization supports bit e4m3, not {self.bit!r}")
         if self.granularity not in ("per_tensor", "per_channel", "per_token"):
             raise ValueError(f"FP8 quantization supports per_tensor, per_channel and per_token, not {self.granularity!r}")
-        if self.calib_algo not in ("minmax", "mse"):
-            raise ValueError(f"unknown calib_algo {self.calib_algo!r}")
+        if self.calib_algo not in OBSERVERS:
+            raise ValueError(f"unknown calib_algo {self.calib_algo!r}; use one of {', '.join(OBSERVERS)}")
         if not self.symmetric:
             raise ValueError("FP8 quantization is symmetric")
 
@@ -81,20 +83,11 @@ class FP8Quantizer:
 
     def calc_qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
         rows = self.rows(x.detach()).float()
-        xmin = rows.amin(dim=1, keepdim=True)
-        xmax = rows.amax(dim=1, keepdim=True)
-        best_scale, best_zero = self.params_from_range(xmin, xmax)
-        if self.calib_algo == "minmax":
-            return best_scale, best_zero
-        best_err = (self._qdq_rows(rows, best_scale) - rows).pow(2).sum(dim=1, keepdim=True)
-        for i in range(1, int(self.mse_maxshrink * self.mse_grid) + 1):
-            ratio = 1 - i / self.mse_grid
-            scale, _ = self.params_from_range(xmin * ratio, xmax * ratio)
-            err = (self._qdq_rows(rows, scale) - rows).pow(2).sum(dim=1, keepdim=True)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_scale = torch.where(better, scale, best_scale)
-        return best_scale, best_zero
+        xmin, xmax = observe_range(rows, self.calib_algo, self.percentile)
+        if self.calib_algo != "mse":
+            return self.params_from_range(xmin, xmax)
+        return mse_search(rows, xmin, xmax, self.params_from_range, lambda r, s, _z: self._qdq_rows(r, s),
+                          self.mse_grid, self.mse_maxshrink)
 
     def _codes(self, rows: Tensor, scale: Tensor) -> Tensor:
         return (rows / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE)

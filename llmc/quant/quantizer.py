@@ -3,9 +3,9 @@
 Weights are 2-D `[out_features, in_features]`; granularity picks the rows that share one
 scale: `per_tensor` (one), `per_channel` (one per output row), `per_group` (`group_size`
 consecutive input features of one row). Activations `[..., features]` use `per_token`
-(one per token) or `per_tensor`. Ranges come from `minmax` or `mse` (a grid search over
-clipping ratios that keeps, per row, the ratio with the lowest squared error; ratio 1.0
-is in the grid, so `mse` never does worse than `minmax`).
+(one per token) or `per_tensor`. Ranges come from an observer of `llmc.quant.observers`
+(`calib_algo`: minmax, mse, percentile, learnable). Rounding goes through the straight-through
+estimator everywhere, so a method may train scales, clipping or transforms through it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from llmc.quant.observers import OBSERVERS, mse_search, observe_range
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -43,6 +45,8 @@ class IntQuantizer:
     """per_group only: allow a last group narrower than group_size when it does not divide the features."""
     mse_grid: int = 100
     mse_maxshrink: float = 0.8
+    percentile: float = 99.9
+    """calib_algo percentile: the upper percentile kept (the lower one is 100 - percentile)."""
     scale_dtype: torch.dtype | None = None
     """fp16/bf16: scales are rounded to this dtype (the model's), so a checkpoint that stores them in
     it dequantizes to exactly the fake-quantized weight; None keeps float32 scales."""
@@ -59,8 +63,8 @@ class IntQuantizer:
             raise ValueError(f"unknown granularity {self.granularity!r}")
         if self.granularity == "per_group" and self.group_size < 1:
             raise ValueError("per_group needs group_size >= 1")
-        if self.calib_algo not in ("minmax", "mse"):
-            raise ValueError(f"unknown calib_algo {self.calib_algo!r}")
+        if self.calib_algo not in OBSERVERS:
+            raise ValueError(f"unknown calib_algo {self.calib_algo!r}; use one of {', '.join(OBSERVERS)}")
 
     @property
     def qmin(self) -> int:
@@ -102,31 +106,16 @@ class IntQuantizer:
             zero = torch.zeros_like(scale)
         else:
             scale = representable_scale(((xmax - xmin) / self.qmax).clamp(min=tiny), self.scale_dtype)
-            zero = (-xmin / scale).round().clamp(self.qmin, self.qmax)
+            zero = round_ste(-xmin / scale).clamp(self.qmin, self.qmax)
         return scale, zero
 
     def calc_qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Scale and zero point for `x` (computed in float32), shaped `[rows, 1]`."""
         rows = self.rows(x.detach()).float()
-        xmin = rows.amin(dim=1, keepdim=True)
-        xmax = rows.amax(dim=1, keepdim=True)
-        if self.calib_algo == "minmax":
+        xmin, xmax = observe_range(rows, self.calib_algo, self.percentile)
+        if self.calib_algo != "mse":
             return self.params_from_range(xmin, xmax)
-        return self._mse_search(rows, xmin, xmax)
-
-    def _mse_search(self, rows: Tensor, xmin: Tensor, xmax: Tensor) -> tuple[Tensor, Tensor]:
-        best_scale, best_zero = self.params_from_range(xmin, xmax)
-        best_err = (self._qdq_rows(rows, best_scale, best_zero) - rows).pow(2).sum(dim=1, keepdim=True)
-        steps = int(self.mse_maxshrink * self.mse_grid)
-        for i in range(1, steps + 1):
-            ratio = 1 - i / self.mse_grid
-            scale, zero = self.params_from_range(xmin * ratio, xmax * ratio)
-            err = (self._qdq_rows(rows, scale, zero) - rows).pow(2).sum(dim=1, keepdim=True)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_scale = torch.where(better, scale, best_scale)
-            best_zero = torch.where(better, zero, best_zero)
-        return best_scale, best_zero
+        return mse_search(rows, xmin, xmax, self.params_from_range, self._qdq_rows, self.mse_grid, self.mse_maxshrink)
 
     def _qdq_rows(self, rows: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
         q = torch.clamp(round_ste(rows / scale) + zero, self.qmin, self.qmax)
