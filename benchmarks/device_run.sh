@@ -2,6 +2,7 @@
 # On the lent GPU machine (see benchmarks/README or the README's benchmarks section):
 #   bash benchmarks/device_run.sh speed [speed.py args...]      # results to $OUT
 #   bash benchmarks/device_run.sh accuracy [accuracy.py args...] # needs .carry/gguf.part00 and part01
+#        (part00 with .wheels in a first call, part01 in the next: each call carries at most 64 MiB)
 #   bash benchmarks/device_run.sh cuda-tests
 # Installs the carried wheels (.wheels/) first; llm-compressor goes on the same path (it runs in
 # a subprocess of the benchmarks).
@@ -27,7 +28,7 @@ case "$stage" in
     python3 -m llmc fetch >/dev/null || exit 1   # verifies the sha256
     # Stop before the call's limit so that the rows written so far still come back.
     timeout "${ACCURACY_TIMEOUT:-540}" python3 benchmarks/accuracy.py --peer-python python3 --resume "$@"
-    cp benchmarks/results/accuracy_smollm2.* "$OUT"/
+    cp benchmarks/results/accuracy_smollm2*.json benchmarks/results/accuracy_smollm2*.md "$OUT"/  # --table main and rotations
     ;;
   cuda-tests)
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_gptq.py "$@" 2>&1 | tee "$OUT/cuda_tests.log"

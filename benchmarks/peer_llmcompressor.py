@@ -4,11 +4,16 @@ Runs in its own environment (llm-compressor pins transformers <= 5.17 and its ow
 compressed-tensors); `benchmarks/accuracy.py` calls it as a subprocess:
 
     .venv-peer/bin/python benchmarks/peer_llmcompressor.py --model DIR --calib calib.pt \
-        --windows windows.pt --method GPTQ --bits 4 --group-size 128 [--asym] [--act-bits 8]
+        --windows windows.pt --method GPTQ --bits 4 --group-size 128 [--asym] [--act-bits 8] \
+        [--transform QuIP|SpinQuant]
 
 Prints one JSON line: {"ppl", "quantize_s", "versions", ...}. Perplexity is computed with
 llmc's own evaluator (same protocol, same windows) on the model llm-compressor leaves in
-memory (fake-quantized weights; activations quantized by its forward hooks).
+memory (fake-quantized weights; activations quantized by its forward hooks). With a
+quantization, the line also says that it was really applied: the fraction of the blocks'
+linears that carry a scheme, the fraction whose input quantizer ran in a probe forward,
+and how far the probe's logits moved from the float model's (a run whose logits did not
+move fails).
 """
 
 from __future__ import annotations
@@ -34,20 +39,23 @@ def scheme(args: argparse.Namespace):
     return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)}
 
 
-def apply_quantization(model: torch.nn.Module) -> int:
+def apply_quantization(model: torch.nn.Module, fired: set[str] | None = None) -> int:
     """Make the in-memory model compute what the exported checkpoint would.
 
     After `oneshot`, llm-compressor 0.14 leaves QuantizationModifier's layers with their scheme,
     scales and zero points but running unquantized (perplexity equals the float model's; GPTQ
     alone writes its result into the weights). Fake-quantize each weight with its stored
     parameters (idempotent for GPTQ's on-grid weights) and each quantized input with the
-    library's own `forward_quantize`. Returns the number of quantized layers.
+    library's own `forward_quantize`, after any online rotation of the input (the transforms'
+    hooks are prepended). Names of layers whose input quantizer runs are added to `fired`.
+    Returns the number of quantized layers.
     """
     from compressed_tensors.offload import update_offload_parameter
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize, forward_quantize
 
     count = 0
-    for module in model.modules():
+    fired = set() if fired is None else fired
+    for name, module in model.named_modules():
         scheme = getattr(module, "quantization_scheme", None)
         if scheme is None or not isinstance(module, torch.nn.Linear):
             continue
@@ -57,18 +65,64 @@ def apply_quantization(model: torch.nn.Module) -> int:
                 update_offload_parameter(module, "weight", fake_quantize(
                     module.weight, module.weight_scale, getattr(module, "weight_zero_point", None), scheme.weights))
         if scheme.input_activations is not None:
-            module.register_forward_pre_hook(
-                lambda m, inputs, a=scheme.input_activations: (forward_quantize(m, inputs[0], "input", a),))
+            def quantize_input(m, inputs, a=scheme.input_activations, name=name):
+                fired.add(name)
+                return (forward_quantize(m, inputs[0], "input", a),)
+
+            module.register_forward_pre_hook(quantize_input)
         module.quantization_enabled = False  # our hooks and weights now do it, exactly once
     return count
 
 
+def block_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+
+
+def online_transforms(model: torch.nn.Module) -> int:
+    """Rotations llm-compressor runs at inference (not fused into weights): QuIP's input side, SpinQuant's R4."""
+    return sum(1 for m in model.modules()
+               if type(m).__name__.endswith("Transform") and getattr(m, "args", None) is not None
+               and m.args.is_online())
+
+
+@torch.no_grad()
+def probe_logits(model: torch.nn.Module, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    from llmc.pipeline.offload import on_device
+
+    with on_device(model, device):
+        return model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
+
+
+def applied(model: torch.nn.Module, ids: torch.Tensor, device: torch.device, reference: torch.Tensor,
+            fired: set[str]) -> dict:
+    """Evidence that the evaluated model is the quantized one (see the module docstring)."""
+    linears = block_linears(model)
+    schemed = [n for n, m in linears.items() if getattr(m, "quantization_scheme", None) is not None]
+    act_quantized = [n for n in schemed if linears[n].quantization_scheme.input_activations is not None]
+    fired.clear()
+    logits = probe_logits(model, ids, device)
+    change = float((logits - reference).norm() / reference.norm())
+    out = {"quantized_linears": f"{len(schemed)}/{len(linears)}",
+           "quantized_fraction": len(schemed) / max(len(linears), 1),
+           "act_quant_fired": f"{len(fired & set(act_quantized))}/{len(act_quantized)}",
+           "online_transforms": online_transforms(model), "logits_rel_change": change}
+    if change < 1e-4:
+        raise SystemExit(f"llm-compressor's in-memory model computes the float model's logits "
+                         f"(relative change {change:.2e}): its quantization is not applied")
+    if len(fired & set(act_quantized)) < len(act_quantized):
+        raise SystemExit(f"input quantizers ran in {out['act_quant_fired']} quantized linears of the probe")
+    return out
+
+
 def allow_cpu_only() -> None:
     """llm-compressor 0.14's AWQ asks torch.accelerator for a device and pins its activation cache
-    even when it runs on CPU, and fails on a machine without an accelerator; answer "cpu" and make
-    pinning a no-op (neither changes what it computes)."""
+    even when it runs on CPU, and its GPTQ logs the accelerator's peak memory; both fail on a machine
+    without an accelerator: answer "cpu", make pinning a no-op and report no memory (none changes
+    what it computes)."""
     torch.accelerator.current_accelerator = lambda *a, **k: torch.device("cpu")
     torch.accelerator.current_device_index = lambda *a, **k: 0
+    torch.accelerator.max_memory_allocated = lambda *a, **k: 0
+    torch.accelerator.get_memory_info = lambda *a, **k: (0, 1)
     torch.Tensor.pin_memory = lambda self, *a, **k: self
 
 
@@ -102,8 +156,24 @@ def decoder_sparsity(model: torch.nn.Module) -> float:
     return zeros / max(total, 1)
 
 
+def transform_recipe(args: argparse.Namespace) -> list:
+    """Rotations before the quantization. Random Hadamard matrices: the plain "hadamard" type needs
+    powers of two, and SmolLM2 is 576 = 36 x 16 wide (a known order-36 Hadamard times 16 works)."""
+    from llmcompressor.modifiers.transform import QuIPModifier, SpinQuantModifier
+
+    if args.transform == "QuIP":
+        # Input side ("v") of every linear but lm_head: fused into the weight, online on the input.
+        return [QuIPModifier(rotations=["v"], transform_type="random-hadamard", ignore="lm_head")]
+    if args.transform == "SpinQuant":
+        # R1 (residual stream) and R2 (per head, v/o) fused into weights, R4 online before down_proj:
+        # QuaRot's rotations, not learned (llm-compressor 0.14 learns none).
+        return [SpinQuantModifier(rotations=["R1", "R2", "R4"], transform_type="random-hadamard")]
+    return []
+
+
 def recipe(args: argparse.Namespace) -> list:
-    return (sparse_recipe(args) if args.sparse_method else []) + (quant_recipe(args) if args.method else [])
+    return (transform_recipe(args) + (sparse_recipe(args) if args.sparse_method else [])
+            + (quant_recipe(args) if args.method else []))
 
 
 def quant_recipe(args: argparse.Namespace) -> list:
@@ -142,6 +212,7 @@ def main() -> None:
     parser.add_argument("--act-bits", type=int, default=0)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--actorder", default=None)
+    parser.add_argument("--transform", default=None, choices=["QuIP", "SpinQuant"])
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
@@ -163,22 +234,28 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     data = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+    device = torch.device(args.device)
+    probe = windows[:1, :128]
+    reference = probe_logits(model, probe, device) if args.method else None
     start = time.perf_counter()
+    recipe_used = recipe(args)
     oneshot(
-        model=model, tokenizer=tokenizer, dataset=data, recipe=recipe(args),
+        model=model, tokenizer=tokenizer, dataset=data, recipe=recipe_used,
         num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
         shuffle_calibration_samples=False,
     )
     quantize_s = time.perf_counter() - start
     model.eval()
-    if args.method and not apply_quantization(model):
+    fired: set[str] = set()
+    if args.method and not apply_quantization(model, fired):
         raise SystemExit("llm-compressor left no quantized layer")
-    device = torch.device(args.device)
+    checks = applied(model, probe, device, reference, fired) if args.method else {}
     result = evaluate_perplexity(model, get_adapter("auto", model.config.model_type), windows, device,
                                  progress=False, dataset="wikitext2",
                                  position="fake_quant" if args.method else "transformed")
     print(json.dumps({
-        "ppl": result.ppl, "quantize_s": quantize_s, "sparsity": decoder_sparsity(model), "windows": result.windows, "seq_len": result.seq_len,
+        "ppl": result.ppl, "quantize_s": quantize_s, "sparsity": decoder_sparsity(model), "windows": result.windows,
+        "seq_len": result.seq_len, "recipe": [type(m).__name__ for m in recipe_used], **checks,
         "versions": {"llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__,
                      "transformers": transformers.__version__, "torch": torch.__version__},
     }))
