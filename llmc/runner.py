@@ -18,13 +18,14 @@ import torch
 from torch import nn
 
 from llmc.config.loader import check_data_paths, load_config
-from llmc.config.schema import LlmcConfig
+from llmc.config.schema import SAVE_FLAGS, LlmcConfig
 from llmc.data import build_calibration, load_eval_text, load_named_documents, tokenize_windows
 from llmc.errors import ConfigError
 from llmc.eval.perplexity import PROTOCOL, PplResult, evaluate_perplexity
 from llmc.export import requested_exporters
 from llmc.faults import kill_point
 from llmc.finite import check_model_weights
+from llmc.methods.base import QuantMethod
 from llmc.methods.lifecycle import CompressionMethod
 from llmc.methods.sparse_base import SparseMethod
 from llmc.models import LoadedModel, ModelAdapter, load_model
@@ -97,6 +98,7 @@ def compress(
     seed_everything(cfg.base.seed)
     device = resolve_device(cfg.base.device)
     methods = build_methods(cfg)
+    check_export_refusals(cfg, methods)
     out_path = check_output_path(cfg.save.save_path, cfg.save.overwrite, cfg.model.path)
     exporters = requested_exporters(cfg)
     for exporter in exporters:
@@ -166,6 +168,15 @@ def compress(
     if checkpoint is not None:
         checkpoint.remove()
     return result
+
+
+def check_export_refusals(cfg: LlmcConfig, methods: list[CompressionMethod]) -> None:
+    """Refuse, before anything is loaded, outputs a method's result cannot be written as (`export_refusal`)."""
+    flags = [f for f in SAVE_FLAGS if getattr(cfg.save, f)]
+    for method in methods:
+        reason = method.export_refusal(flags) if flags and isinstance(method, QuantMethod) else None
+        if reason:
+            raise ConfigError(reason)
 
 
 def run_checkpoint(

@@ -1,0 +1,194 @@
+"""Learnable affine transforms of a linear's input: FlatQuant's Kronecker-factored matrices.
+
+Sun et al., 2024, "FlatQuant: Flatness Matters for LLM Quantization" (arXiv:2410.09426), Sec. 3.1:
+a linear `y = x W^T` is rewritten as `y = (x P)(W P^{-T})^T` with an invertible `P`, learned so
+that both `x P` and `W P^{-T}` quantize well. `P` is a Kronecker product `P1 (x) P2` of two small
+matrices whose sizes multiply to the input width, with sizes as close to square as possible
+(`kron_factors`: 576 = 24 * 24, 1536 = 32 * 48, 4096 = 64 * 64), so `x P` costs two small matmuls:
+the input reshaped to `[..., n1, n2]` becomes `P1^T X P2`. A learnable per-channel scale `d`
+(the paper's `diag_scale`) multiplies the input first: `x -> (x * d) P`, `W -> W diag(1/d) P^{-T}`.
+
+`KroneckerAffine` is a `FakeQuantLinear.input_transform`. While trained it holds parameters in one
+of the paper's two forms: SVD (default), `P_i = U_i diag(s_i) V_i^T` with orthogonal `U_i`, `V_i`
+(a random orthogonal start times the Cayley map of a learned skew matrix), whose inverse
+`U_i diag(1/s_i) V_i^T` needs no matrix inversion; or direct (`direct_inv`), `P_i` itself, inverted
+by `torch.linalg.inv`. `freeze()` keeps `P1`, `P2` and `d` as float32 buffers (persistent, so a
+resume checkpoint stores them for every linear that shares the module) and drops the parameters;
+`merge_weight` then computes the exact inverse of those float32 buffers in float64. The transform
+always computes in float32, with autocast off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+
+def kron_factors(n: int) -> tuple[int, int]:
+    """`(n1, n2)` with `n1 * n2 = n`, `n1 <= n2` and `n1` the largest divisor of n not above sqrt(n)."""
+    n1 = math.isqrt(n)
+    while n % n1:
+        n1 -= 1
+    return n1, n // n1
+
+
+def kron_matmul(x: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """`x (left (x) right)` for rows of `x` (`[..., n1 * n2]`), as `left^T X right` per row."""
+    shape = x.shape
+    x = x.reshape(-1, left.shape[0], right.shape[0])
+    return torch.matmul(left.T, torch.matmul(x, right)).reshape(shape)
+
+
+def random_orthogonal(n: int, generator: torch.Generator) -> Tensor:
+    """A Haar-random orthogonal `[n, n]` float64 matrix (QR of a Gaussian, signs fixed), on the CPU."""
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r)).masked_fill(torch.diagonal(r) == 0, 1.0)
+
+
+def _float32(x: Tensor) -> contextlib.AbstractContextManager:
+    """No autocast: the transforms are computed in float32 even inside bf16 training."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+class _Factor(nn.Module):
+    """One Kronecker factor `P_i` while it is trained: SVD form or direct."""
+
+    def __init__(self, n: int, direct_inv: bool, generator: torch.Generator, device: torch.device | None
+                 ) -> None:
+        super().__init__()
+        self.direct_inv = direct_inv
+        if direct_inv:
+            self.matrix = nn.Parameter(random_orthogonal(n, generator).float().to(device))
+            return
+        self.register_buffer("u0", random_orthogonal(n, generator).float().to(device))
+        self.register_buffer("v0", random_orthogonal(n, generator).float().to(device))
+        self.skew_u = nn.Parameter(torch.zeros(n, n, device=device))
+        self.skew_v = nn.Parameter(torch.zeros(n, n, device=device))
+        self.singular = nn.Parameter(torch.ones(n, device=device))
+
+    def _orthogonal(self, base: Tensor, skew: Tensor) -> Tensor:
+        a = skew - skew.T
+        eye = torch.eye(a.shape[0], device=a.device, dtype=a.dtype)
+        return base @ torch.linalg.solve(eye + a, eye - a)  # Cayley map: orthogonal for any skew `a`
+
+    def matrix_and_inverse_t(self, inverse: bool = True) -> tuple[Tensor, Tensor | None]:
+        """`P_i` and, when asked, `P_i^{-T}` (float32, differentiable)."""
+        if self.direct_inv:
+            return self.matrix, torch.linalg.inv(self.matrix).T if inverse else None
+        u, v = self._orthogonal(self.u0, self.skew_u), self._orthogonal(self.v0, self.skew_v)
+        return (u * self.singular) @ v.T, (u / self.singular) @ v.T if inverse else None
+
+
+class KroneckerAffine(nn.Module):
+    """`x -> (x * d)(P1 (x) P2)` on the last dimension, in float32 (see the module docstring)."""
+
+    def __init__(
+        self, features: int, *, diag: Tensor | None = None, add_diag: bool = True, direct_inv: bool = False,
+        generator: torch.Generator | None = None, device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.features = features
+        n1, n2 = kron_factors(features)
+        gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.factors: nn.ModuleList | None = nn.ModuleList(
+            [_Factor(n1, direct_inv, gen, device), _Factor(n2, direct_inv, gen, device)]
+        )
+        self.diag_scale: nn.Parameter | None = None
+        if add_diag:
+            init = torch.ones(features) if diag is None else diag.detach().float()
+            self.diag_scale = nn.Parameter(init.to(device))
+
+    @classmethod
+    def frozen(cls, features: int, add_diag: bool, device: torch.device | None = None) -> KroneckerAffine:
+        """An identity transform in its frozen form, with buffers of the shapes a trained one has
+        (for a resumed run, which then loads the trained values into them)."""
+        t = cls.__new__(cls)
+        nn.Module.__init__(t)
+        t.features, t.factors, t.diag_scale = features, None, None
+        n1, n2 = kron_factors(features)
+        t.register_buffer("left", torch.eye(n1, device=device))
+        t.register_buffer("right", torch.eye(n2, device=device))
+        t.register_buffer("scale", torch.ones(features, device=device) if add_diag else None)
+        return t
+
+    @property
+    def is_frozen(self) -> bool:
+        return self.factors is None
+
+    def matrix_parameters(self) -> list[nn.Parameter]:
+        return [] if self.factors is None else list(self.factors.parameters())
+
+    def _matrices(self, inverse: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        cache = self.__dict__.get("_step_cache")
+        if cache:
+            return cache[0]
+        inverse = inverse or cache is not None
+        (left, left_it), (right, right_it) = (f.matrix_and_inverse_t(inverse) for f in self.factors)
+        if cache is not None:
+            cache.append((left, right, left_it, right_it))
+        return left, right, left_it, right_it
+
+    @contextlib.contextmanager
+    def one_step(self) -> Iterator[None]:
+        """Inside, the matrices and their inverses are computed once and shared by every linear using
+        this transform (one training step's forward; the backward may run after)."""
+        self.__dict__["_step_cache"] = []
+        try:
+            yield
+        finally:
+            self.__dict__["_step_cache"] = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        with _float32(x):
+            y = x.float()
+            if self.is_frozen:
+                if self.scale is not None:
+                    y = y * self.scale
+                return kron_matmul(y, self.left, self.right).to(x.dtype)
+            if self.diag_scale is not None:
+                y = y * self.diag_scale
+            left, right, _, _ = self._matrices(inverse=False)
+            return kron_matmul(y, left, right).to(x.dtype)
+
+    def transform_weight(self, weight: Tensor) -> Tensor:
+        """`W diag(1/d) P^{-T}` while training (float32, differentiable), in the weight's dtype."""
+        with _float32(weight):
+            w = weight.float()
+            if self.diag_scale is not None:
+                w = w / self.diag_scale
+            _, _, left_it, right_it = self._matrices(inverse=True)
+            return kron_matmul(w, left_it, right_it).to(weight.dtype)
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Keep the trained `P1`, `P2` and `d` as float32 buffers; drop the training parameters."""
+        if self.is_frozen:
+            return
+        left, right, _, _ = self._matrices(inverse=False)
+        scale = self.diag_scale.detach().clone() if self.diag_scale is not None else None
+        del self.factors, self.diag_scale
+        self.factors, self.diag_scale = None, None
+        self.register_buffer("left", left.detach().float().clone())
+        self.register_buffer("right", right.detach().float().clone())
+        self.register_buffer("scale", scale)
+
+    @torch.no_grad()
+    def merge_weight(self, weight: Tensor) -> Tensor:
+        """`W diag(1/d) P^{-T}` for the frozen buffers, in float64 (exact up to the weight's dtype)."""
+        if not self.is_frozen:
+            raise RuntimeError("merge_weight needs a frozen transform (call freeze() first)")
+        w = weight.double()
+        if self.scale is not None:
+            w = w / self.scale.double()
+        left_it = torch.linalg.inv(self.left.double()).T
+        right_it = torch.linalg.inv(self.right.double()).T
+        return kron_matmul(w, left_it, right_it).to(weight.dtype)
+
+    def extra_repr(self) -> str:
+        n1, n2 = kron_factors(self.features)
+        diag = (self.scale if self.is_frozen else self.diag_scale) is not None
+        return f"features={self.features} ({n1} x {n2}), diag={diag}, frozen={self.is_frozen}"
