@@ -231,6 +231,16 @@ class WeightQuantSection(Section):
         "OmniQuant, FlatQuant)."
     )
     percentile: float = Field(99.9, gt=50, le=100, description="calib_algo percentile: upper percentile kept.")
+    ste: bool = Field(True, description="llmc's straight-through estimator flag; rounding always passes gradients "
+                      "straight through here, so only true is accepted.")
+
+    @field_validator("ste")
+    @classmethod
+    def _ste(cls, v: bool) -> bool:
+        if not v:
+            raise ValueError("ste: false is not supported; rounding always uses the straight-through estimator "
+                             "(remove the key)")
+        return v
     partial_group: bool = Field(
         False, description="Allow a narrower last group where group_size does not divide the input features."
     )
@@ -267,6 +277,16 @@ class ActQuantSection(Section):
         "OmniQuant, FlatQuant)."
     )
     percentile: float = Field(99.9, gt=50, le=100, description="calib_algo percentile: upper percentile kept.")
+    ste: bool = Field(True, description="llmc's straight-through estimator flag; rounding always passes gradients "
+                      "straight through here, so only true is accepted.")
+
+    @field_validator("ste")
+    @classmethod
+    def _ste(cls, v: bool) -> bool:
+        if not v:
+            raise ValueError("ste: false is not supported; rounding always uses the straight-through estimator "
+                             "(remove the key)")
+        return v
 
     @model_validator(mode="before")
     @classmethod

@@ -20,6 +20,8 @@ dequantization `(code - zero) * scale` in that dtype equals llmc's fake-quantize
 
 Pruned models (a `sparse:` section, with or without quant) are written as `llmc.export.ct_sparse`
 describes: zeros stored as they are, the sparsity recorded under config.json's `llmc_sparsity`.
+Online input transforms (QuaRot's Hadamard before down_proj) go into `transform_config`
+(`llmc.export.ct_transform`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from llmc.errors import ConfigError
 from llmc.export.base import Exporter, register_exporter
 from llmc.export.ct_scheme import ct_format, ct_scheme, is_float, unsupported
 from llmc.export.ct_sparse import add_sparsity_record, sparsity_record, write_pruned_dense
+from llmc.export.ct_transform import transform_config
 from llmc.quant.fake_linear import FakeQuantLinear, fake_quant_modules
 
 log = logging.getLogger("llmc")
@@ -124,8 +127,11 @@ def write_checkpoint(model: nn.Module, tokenizer: object, folder: Path, cfg: Llm
         raise ConfigError("the model has no quantized linears to export; check quant.ignored_layers")
     record = sparsity_record(model, cfg)
     state, ignore = compressed_state_dict(model, cfg)
+    transforms, transform_state = transform_config(model, model_dtype(model))  # QuaRot's online Hadamard
+    state.update(transform_state)
     model.save_pretrained(folder, state_dict=state, safe_serialization=True)
-    ModelCompressor(quantization_config=quantization_config(cfg, ignore)).update_config(str(folder))
+    ModelCompressor(quantization_config=quantization_config(cfg, ignore),
+                    transform_config=transforms).update_config(str(folder))
     add_sparsity_record(folder, record)
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(folder)

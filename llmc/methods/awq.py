@@ -52,7 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from llmc.methods.base import QuantMethod, register_method
-from llmc.methods.transforms import fold_scales, producer_channels, tie_gqa_scales
+from llmc.methods.transforms import fold_scales, producer_channels, tie_gqa_scales, transformed_online
 from llmc.models.adapter import LinearGroup, ModelAdapter
 from llmc.pipeline.blockwise import BlockContext, ModuleCall, real_tokens
 
@@ -148,7 +148,7 @@ class AWQ(QuantMethod):
         """The op the group's scale folds into, or None when the group is left unscaled."""
         if group.prev_op is None or len(mods) != len(group.linears):
             return None
-        if not all(isinstance(m, nn.Linear) for m in mods.values()):
+        if not all(isinstance(m, nn.Linear) for m in mods.values()) or transformed_online(mods.values()):
             return None
         prev = ctx.block.get_submodule(group.prev_op)
         channels = next(iter(mods.values())).in_features

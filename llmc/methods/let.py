@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from llmc.methods.smoothquant import is_norm, smooth_scales, weight_absmax
-from llmc.methods.transforms import producer_channels, tie_gqa_scales
+from llmc.methods.transforms import producer_channels, tie_gqa_scales, transformed_online
 from llmc.models.adapter import get_submodule_or_none
 from llmc.pipeline.blockwise import BlockContext
 
@@ -154,8 +154,8 @@ def let_groups(ctx: BlockContext) -> list[tuple[str, list[str], list[str], nn.Mo
     for group, mods in ctx.groups():
         if group.prev_op is None or len(mods) != len(group.linears) or group.prev_op in claimed:
             continue
-        if any(getattr(m, "input_transform", None) is not None for m in mods.values()):
-            continue  # an online rotation inside the linear does not commute with a channel scale
+        if transformed_online(mods.values()):
+            continue
         prev = ctx.block.get_submodule(group.prev_op)
         if not (is_norm(prev) or (isinstance(prev, nn.Linear) and group.prev_op == values)):
             continue

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from llmc.methods.base import QuantMethod, register_method
 from llmc.methods.smoothquant import is_norm
-from llmc.methods.transforms import fold_scales, producer_channels, tie_gqa_scales
+from llmc.methods.transforms import fold_scales, producer_channels, tie_gqa_scales, transformed_online
 from llmc.models.adapter import LinearGroup, ModelAdapter
 from llmc.pipeline.blockwise import BlockContext, ModuleCall, real_tokens
 
@@ -171,7 +171,7 @@ class OsPlus(QuantMethod):
             if group.prev_op is None or len(mods) != len(group.linears):
                 continue
             linears = [mods[n] for n in group.linears]
-            if not all(isinstance(m, nn.Linear) and getattr(m, "input_transform", None) is None for m in linears):
+            if not all(isinstance(m, nn.Linear) for m in linears) or transformed_online(linears):
                 continue
             prev = ctx.block.get_submodule(group.prev_op)
             from_linear = isinstance(prev, nn.Linear)

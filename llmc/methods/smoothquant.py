@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from llmc.methods.base import QuantMethod, register_method
-from llmc.methods.transforms import fold_scales, producer_channels, tie_gqa_scales
+from llmc.methods.transforms import fold_scales, producer_channels, tie_gqa_scales, transformed_online
 from llmc.models.adapter import LinearGroup
 from llmc.pipeline.blockwise import BlockContext
 
@@ -75,7 +75,7 @@ class SmoothQuant(QuantMethod):
         """The groups to smooth in this block: (group, its linears, the producer of their input)."""
         out = []
         for group, mods in ctx.groups():
-            if group.prev_op is None or len(mods) != len(group.linears):
+            if group.prev_op is None or len(mods) != len(group.linears) or transformed_online(mods.values()):
                 continue
             prev = ctx.block.get_submodule(group.prev_op)
             if is_norm(prev) or (isinstance(prev, nn.Linear) and self.special.smooth_linear_producers):

@@ -14,6 +14,12 @@ import torch
 from torch import Tensor, nn
 
 
+def transformed_online(linears) -> bool:
+    """Whether any of the linears applies an online input transform (QuaRot's Hadamard before down_proj):
+    a channel scale of their input does not commute with it, so such a group is never scaled."""
+    return any(getattr(m, "input_transform", None) is not None for m in linears)
+
+
 def producer_channels(prev: nn.Module) -> int:
     if isinstance(prev, nn.Linear):
         return prev.out_features

@@ -90,6 +90,8 @@ class BlockRoles:
     """MoE routers (and shared-expert gates): linears left in float on purpose."""
     attn: str | None = None
     mlp: str | None = None
+    post_norms: tuple[str, ...] = ()
+    """Norms applied to a residual branch's output before it is added (Gemma 2/3's sandwich norms)."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,8 @@ class ModelRoles:
     embedding: str
     final_norm: str | None
     lm_head: str
+    stream_inputs: tuple[str, ...] = ()
+    """Linears other than the embedding whose output enters the residual stream (LLaVA's projector)."""
 
 
 @dataclass(frozen=True)

@@ -185,14 +185,18 @@ class BlockContext:
         """Call `fn(name, input)` for each named submodule's input during forwards in this context.
 
         With `only_real_tokens`, `fn` gets the input as `[tokens, features]` rows of the real
-        (non-padding) tokens of the batch being run.
+        (non-padding) tokens of the batch being run. A linear with an online input transform (an
+        `input_transform`, e.g. a Hadamard) gives its input after the transform: what its weight sees.
         """
 
-        def hook(name: str, x: Tensor) -> None:
+        def hook(module: nn.Module, name: str, x: Tensor) -> None:
+            transform = getattr(module, "input_transform", None)
+            if transform is not None:
+                x = transform(x)
             fn(name, real_tokens(x, self.token_mask(self.batch)) if only_real_tokens else x)
 
         handles = [
-            self.block.get_submodule(n).register_forward_pre_hook(lambda _m, args, n=n: hook(n, args[0]))
+            self.block.get_submodule(n).register_forward_pre_hook(lambda m, args, n=n: hook(m, n, args[0]))
             for n in names
         ]
         try:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from llmc.quant.observers import LearnableClip
 from llmc.quant.quantizer import representable_scale
 from llmc.quant.registry import Quantizer
+
 PRUNED = "llmc_pruned"
 """Attribute set on a pruned linear (`llmc.methods.sparse_base.mark_pruned`): a later quantization (GPTQ)
 keeps its zeros, and the export records the sparsity; a FakeQuantLinear keeps the mark of the linear it wraps."""

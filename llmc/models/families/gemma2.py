@@ -7,13 +7,16 @@ residual add, so it feeds no linear; `pre_feedforward_layernorm` feeds gate/up; 
 final logits are soft-capped (`final_logit_softcapping`). Sliding-window and full-attention
 layers alternate: each block gets its own mask (captured per layer)."""
 
+import dataclasses
+
 from llmc.models.adapter import ModelAdapter
 from llmc.models.families.llama import llama_block_roles, llama_groups, llama_like
 from llmc.models.prepare_norms import offset_norm_steps
 from llmc.models.registry import register_adapter
 
 GEMMA_GROUPS = llama_groups(mlp_norm="pre_feedforward_layernorm")
-GEMMA_BLOCK_ROLES = llama_block_roles(mlp_norm="pre_feedforward_layernorm")
+GEMMA_BLOCK_ROLES = dataclasses.replace(llama_block_roles(mlp_norm="pre_feedforward_layernorm"),
+                                        post_norms=("post_attention_layernorm", "post_feedforward_layernorm"))
 
 
 def gemma_like(name: str, model_types: tuple[str, ...], norm_class: str) -> ModelAdapter:

@@ -16,6 +16,7 @@ LLAVA = register_adapter(llama_like(
     blocks=f"{LM}.layers",
     pre_block=(f"{LM}.embed_tokens", f"{LM}.rotary_emb"),
     head=(f"{LM}.norm", "lm_head"),
-    roles=ModelRoles(embedding=f"{LM}.embed_tokens", final_norm=f"{LM}.norm", lm_head="lm_head"),
+    roles=ModelRoles(embedding=f"{LM}.embed_tokens", final_norm=f"{LM}.norm", lm_head="lm_head",
+                     stream_inputs=("model.multi_modal_projector.linear_2",)),
     auto_class="AutoModelForImageTextToText",
 ))
