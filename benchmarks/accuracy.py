@@ -123,7 +123,8 @@ def rotations_plan() -> list[tuple[str, str, dict]]:
     runs.append((w3, "OmniQuant", {"quant": {"method": "OmniQuant",
                                              "weight": {**WEIGHT_ONLY[w3], "calib_algo": "learnable"}}}))
     add(w3, "GPTQ", GPTQ_SPECIAL)
-    add(w3, ["GPTQ", "NormTweaking"], gptq_after)
+    # llmc's default ntweak_lr (1e-6) barely moves fp32 norms; the paper grid-searches the rate.
+    add(w3, ["GPTQ", "NormTweaking"], {**gptq_after, "NormTweaking": {"ntweak_lr": [1e-5, 1e-4]}})
     return runs
 
 

@@ -40,6 +40,8 @@ SHAPES = {
 W4G128 = {"bit": 4, "symmetric": False, "granularity": "per_group", "group_size": 128}
 W8A8 = {"weight": {"bit": 8, "symmetric": True, "granularity": "per_channel", "group_size": -1},
         "act": {"bit": 8, "symmetric": True, "granularity": "per_token"}}
+W4A4 = {"weight": {"bit": 4, "symmetric": True, "granularity": "per_channel", "group_size": -1},
+        "act": {"bit": 4, "symmetric": True, "granularity": "per_token"}}
 QUANT_RUNS = {
     "rtn": {"method": "RTN", "weight": W4G128},
     "gptq": {"method": "GPTQ", "weight": W4G128},
@@ -48,6 +50,9 @@ QUANT_RUNS = {
     "awq": {"method": "AWQ", "weight": W4G128},
     "awq_64k": {"method": "AWQ", "weight": W4G128, "special": {"search_tokens": 65536}},
     "sq": {"method": "SmoothQuant", **W8A8},
+    "quarot_gptq_w4a4": {"method": ["QuaRot", "GPTQ"], **W4A4},
+    "omniquant_w3": {"method": "OmniQuant", "weight": {**W4G128, "bit": 3, "calib_algo": "learnable"}},
+    "flatquant_w4a4": {"method": "FlatQuant", **W4A4},
 }
 RUNS = {name: {"quant": quant} for name, quant in QUANT_RUNS.items()} | {
     "sparsegpt24": {"sparse": {"method": "SparseGPT", "weight": {"sparsity": 0.5, "pattern": "2:4"}}},
