@@ -107,7 +107,7 @@ def rotations_plan() -> list[tuple[str, str, dict]]:
     add("W4A4", "RTN", peer={})
     for method in ("SmoothQuant", "OsPlus"):
         add("W4A4", method)
-    add("W4A4", "QuaRot", peer=SPINQUANT)  # QuaRot alone: RTN after the rotation
+    add("W4A4", "QuaRot", peer={**SPINQUANT, "method": "RTN"})  # QuaRot alone: RTN after the rotation
     add("W4A4", ["QuaRot", "GPTQ"], gptq_after, peer={**SPINQUANT, "method": "GPTQ"})
     add("W4A4", "FlatQuant")
     add("W4A4", "QuIP (llm-compressor)", peer={**QUIP, "method": "RTN"}, llmc=False)

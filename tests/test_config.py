@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import textwrap
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -430,3 +431,12 @@ def test_deeply_nested_yaml():
     with pytest.raises(ConfigError) as exc:
         load_config("model: " + "[" * 5000 + "\n")
     one_line(exc)
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parent.parent.glob("configs/*.yml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_builds_its_methods(path):
+    from llmc.schedule import build_methods
+
+    cfg = load_config(path)
+    assert build_methods(cfg)
