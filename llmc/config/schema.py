@@ -20,17 +20,20 @@ from pydantic import (
     model_validator,
 )
 
-WEIGHT_GRANULARITIES = ("per_tensor", "per_channel", "per_group")
-ACT_GRANULARITIES = ("per_tensor", "per_token")
+WEIGHT_GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_block")
+ACT_GRANULARITIES = ("per_tensor", "per_token", "per_group")
 EVAL_POSITIONS = ("pretrain", "transformed", "fake_quant")
 
 
-QUANT_TYPES = ("int-quant", "float-quant")
-FLOAT_BITS = ("e4m3",)
+QUANT_TYPES = ("int-quant", "float-quant", "nvfp4", "mxfp4", "mxfp8")
+FLOAT_BITS = ("e4m3", "e2m1")
+MICROSCALING = {"nvfp4": ("e2m1", 16), "mxfp4": ("e2m1", 32), "mxfp8": ("e4m3", 32)}
+"""quant_type: (element format, group size) of the microscaling formats (compressed-tensors' NVFP4, MXFP4,
+MXFP8 schemes); their bit, granularity (per_group), group_size and symmetric keys default to these."""
 
 
 def _check_bit(v: int | str) -> int | str:
-    """An integer width 2..8 (int-quant) or a float format name such as e4m3 (float-quant)."""
+    """An integer width 2..8 (int-quant) or a float format name: e4m3 (float-quant, mxfp8), e2m1 (nvfp4, mxfp4)."""
     if isinstance(v, str):
         if v.strip().lstrip("-").isdigit():
             v = int(v)
@@ -38,7 +41,8 @@ def _check_bit(v: int | str) -> int | str:
             return v
         else:
             raise ValueError(
-                f"bit={v!r} is not a bit width; use an integer from 2 to 8, or e4m3 with quant_type: float-quant"
+                f"bit={v!r} is not a bit width; use an integer from 2 to 8, or e4m3 with quant_type: float-quant "
+                "(e2m1 with nvfp4 or mxfp4)"
             )
     if not 2 <= v <= 8:
         raise ValueError(f"bit={v} is outside 2..8; use an integer bit width from 2 to 8")
@@ -49,18 +53,40 @@ Bit = Annotated[int | str, AfterValidator(_check_bit)]
 
 
 def _float_quant_defaults(data: Any) -> Any:
-    """float-quant (e4m3) has no zero point: symmetric defaults to true there."""
+    """float-quant (e4m3) has no zero point: symmetric defaults to true there; the microscaling
+    formats fill in their element format, groups and symmetry."""
     if isinstance(data, dict) and data.get("quant_type") == "float-quant" and "symmetric" not in data:
         return {**data, "symmetric": True}
+    if isinstance(data, dict) and isinstance(data.get("quant_type"), str) and data["quant_type"] in MICROSCALING:
+        bit, size = MICROSCALING[data["quant_type"]]
+        return {"bit": bit, "symmetric": True, "granularity": "per_group", "group_size": size, **data}
     return data
+
+
+def _check_microscaling(s: Any) -> None:
+    bit, size = MICROSCALING[s.quant_type]
+    name = s.quant_type
+    if s.bit != bit:
+        raise ValueError(f"{name} values are {bit}, not bit {s.bit}; set bit: {bit} or remove the key")
+    if s.granularity != "per_group":
+        raise ValueError(f"{name} has one scale per group of {size} inputs; set granularity: per_group or remove the key")
+    if s.group_size != size:
+        raise ValueError(f"{name} has groups of {size}, not group_size {s.group_size}; set group_size: {size} "
+                         "or remove the key")
+    if not s.symmetric:
+        raise ValueError(f"{name} has no zero point; set symmetric: true or remove the key")
 
 
 def _check_quant_type(quant_type: str, bit: int | str, symmetric: bool) -> None:
     if quant_type == "int-quant" and isinstance(bit, str):
-        raise ValueError(f"bit {bit} is a float format; set quant_type: float-quant (or an integer bit)")
+        fix = "float-quant" if bit == "e4m3" else "nvfp4 or mxfp4"
+        raise ValueError(f"bit {bit} is a float format; set quant_type: {fix} (or an integer bit)")
     if quant_type == "float-quant":
         if not isinstance(bit, str):
             raise ValueError(f"quant_type float-quant needs bit: e4m3, not {bit}")
+        if bit == "e2m1":
+            raise ValueError("bit e2m1 (FP4) needs group scales; set quant_type: nvfp4 (groups of 16) or mxfp4 "
+                             "(groups of 32)")
         if not symmetric:
             raise ValueError("float-quant (e4m3) has no zero point; set symmetric: true")
 
@@ -217,15 +243,27 @@ class EvalSection(Section):
 class WeightQuantSection(Section):
     """Weight quantization."""
 
-    quant_type: Literal["int-quant", "float-quant"] = Field(
-        "int-quant", description="int-quant (integer grid) or float-quant (FP8, with bit: e4m3)."
+    quant_type: Literal["int-quant", "float-quant", "nvfp4", "mxfp4", "mxfp8"] = Field(
+        "int-quant", description="int-quant (integer grid), float-quant (FP8, with bit: e4m3; per_block: FP8 "
+        "blocks), nvfp4 (e2m1 values, e4m3 scale per 16, FP32 global scale), mxfp4 / mxfp8 (e2m1 / e4m3 values, "
+        "power-of-two scale per 32); the last three imply their bit, per_group, group_size and symmetric: true."
     )
-    bit: Bit = Field(4, description="Integer bits 2..8 (int-quant), or e4m3 (float-quant).")
+    bit: Bit = Field(4, description="Integer bits 2..8 (int-quant), or e4m3 (float-quant, mxfp8), e2m1 (nvfp4, mxfp4).")
     symmetric: bool = Field(False, description="Symmetric (no zero point) or asymmetric range.")
-    granularity: Literal["per_tensor", "per_channel", "per_group"] = Field(
-        "per_group", description="Rows sharing a scale: per_tensor, per_channel (output row), per_group."
+    granularity: Literal["per_tensor", "per_channel", "per_group", "per_block"] = Field(
+        "per_group", description="Rows sharing a scale: per_tensor, per_channel (output row), per_group, "
+        "per_block (float-quant: block_size x block_size blocks, DeepSeek-V3's FP8 layout)."
     )
     group_size: int = Field(128, description="Input features per group for per_group; -1 otherwise.")
+    block_size: int = Field(128, ge=1, description="per_block: rows and columns of each weight block.")
+
+    @field_validator("granularity")
+    @classmethod
+    def _per_block(cls, v: str, info: Any) -> str:
+        if v == "per_block" and info.data.get("quant_type") != "float-quant":
+            raise ValueError("'per_block' is not allowed; use one of 'per_tensor', 'per_channel' or 'per_group' "
+                             "(per_block is for FP8 blocks: quant_type: float-quant, bit: e4m3)")
+        return v
     calib_algo: Literal["minmax", "mse", "percentile", "learnable"] = Field(
         "minmax", description="Range: min/max, MSE clip search, percentile, or learnable (trained clipping: "
         "OmniQuant, FlatQuant)."
@@ -253,8 +291,11 @@ class WeightQuantSection(Section):
     @model_validator(mode="after")
     def _group(self) -> WeightQuantSection:
         _check_quant_type(self.quant_type, self.bit, self.symmetric)
-        if self.quant_type == "float-quant" and self.granularity == "per_group":
-            raise ValueError("float-quant weights are per_tensor or per_channel; set granularity: per_channel")
+        if self.quant_type in MICROSCALING:
+            _check_microscaling(self)
+        elif self.quant_type == "float-quant" and self.granularity == "per_group":
+            raise ValueError("float-quant weights are per_tensor, per_channel or per_block; set granularity: "
+                             "per_channel (or quant_type: mxfp8 for e4m3 in groups of 32)")
         if self.granularity == "per_group" and self.group_size < 1:
             raise ValueError("per_group needs group_size >= 1 (e.g. 128); or use granularity: per_channel")
         return self
@@ -263,15 +304,19 @@ class WeightQuantSection(Section):
 class ActQuantSection(Section):
     """Input-activation quantization of the quantized linears; omit for weight-only."""
 
-    quant_type: Literal["int-quant", "float-quant"] = Field(
-        "int-quant", description="int-quant (integer grid) or float-quant (FP8, with bit: e4m3)."
+    quant_type: Literal["int-quant", "float-quant", "nvfp4", "mxfp4", "mxfp8"] = Field(
+        "int-quant", description="int-quant (integer grid), float-quant (FP8, with bit: e4m3), or nvfp4, mxfp4, "
+        "mxfp8 (scales per group of 16 / 32 features of each token, computed from every input)."
     )
-    bit: Bit = Field(8, description="Integer bits 2..8 (int-quant), or e4m3 (float-quant).")
+    bit: Bit = Field(8, description="Integer bits 2..8 (int-quant), or e4m3 (float-quant, mxfp8), e2m1 (nvfp4, mxfp4).")
     symmetric: bool = Field(True, description="Symmetric (no zero point) or asymmetric range.")
-    granularity: Literal["per_tensor", "per_token"] = Field(
-        "per_token", description="One scale per token (dynamic) or per tensor."
+    granularity: Literal["per_tensor", "per_token", "per_group"] = Field(
+        "per_token", description="One scale per token (dynamic), per tensor, or per group of group_size features "
+        "of each token (dynamic; float formats: float-quant with group_size 128 for FP8 blocks, nvfp4, mxfp4, mxfp8)."
     )
-    static: bool = Field(False, description="Calibrate one fixed range (per_tensor only) instead of dynamic.")
+    group_size: int = Field(-1, description="per_group: features per group (128 for FP8 blocks); -1 otherwise.")
+    static: bool = Field(False, description="Calibrate one fixed range (per_tensor only) instead of dynamic; "
+                         "nvfp4: calibrate the global scale (the group scales stay dynamic).")
     calib_algo: Literal["minmax", "mse", "percentile", "learnable"] = Field(
         "minmax", description="Range: min/max, MSE clip search, percentile, or learnable (trained clipping: "
         "OmniQuant, FlatQuant)."
@@ -296,6 +341,18 @@ class ActQuantSection(Section):
     @model_validator(mode="after")
     def _static(self) -> ActQuantSection:
         _check_quant_type(self.quant_type, self.bit, self.symmetric)
+        if self.quant_type in MICROSCALING:
+            _check_microscaling(self)
+            if self.static and self.quant_type != "nvfp4":
+                raise ValueError(f"{self.quant_type} activations are dynamic (a power-of-two scale per group of "
+                                 "each input); remove static")
+            return self
+        if self.granularity == "per_group":
+            if self.quant_type != "float-quant":
+                raise ValueError("per_group activations are float formats (float-quant, nvfp4, mxfp4, mxfp8); "
+                                 "use granularity: per_token")
+            if self.group_size < 1:
+                raise ValueError("per_group activations need group_size >= 1 (128 for FP8 blocks)")
         if self.static and self.granularity != "per_tensor":
             raise ValueError("static activation quantization needs granularity: per_tensor")
         return self

@@ -10,7 +10,8 @@ Tensors per quantized linear (compressed-tensors' names): `weight_packed` (int32
 codes per word) + `weight_shape` for pack-quantized, or `weight` (int8 / float8_e4m3fn);
 `weight_scale` `[out, groups]` (`[out, 1]` per channel, `[1]` per tensor) in the model's dtype;
 `weight_zero_point` (asymmetric only; packed int32 along the output dim, codes shifted to the
-signed range); `input_scale` `[1]` for static activations. Every other tensor (embeddings,
+signed range); `input_scale` `[1]` for static activations. NVFP4, MXFP4, MXFP8 and FP8 blocks:
+`llmc.export.ct_formats`. Every other tensor (embeddings,
 norms, lm_head, linears left in float) is saved as it is in the model, in the model's dtype.
 
 Dtype and bit-equality: scales are stored in the model's dtype, as compressed-tensors itself
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 
 from llmc.config.schema import LlmcConfig
 from llmc.errors import ConfigError
+from llmc.export import ct_formats
 from llmc.export.base import Exporter, register_exporter
 from llmc.export.ct_scheme import ct_format, ct_scheme, is_float, unsupported
 from llmc.export.ct_sparse import add_sparsity_record, sparsity_record, write_pruned_dense
@@ -58,6 +60,8 @@ def module_state(module: FakeQuantLinear, quant, dtype: torch.dtype) -> dict[str
     `weight` is llmc's fake-quantized weight in float32: it lies on the quantization grid, so
     the compressor's quantize step recovers llmc's codes exactly.
     """
+    if ct_formats.handles(quant):  # NVFP4, MXFP4, MXFP8, FP8 blocks
+        return ct_formats.module_state(module, quant, dtype)
     w = quant.weight
     rows = module.out_features
     with torch.no_grad():

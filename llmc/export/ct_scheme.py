@@ -9,6 +9,8 @@
 | int8 per_channel sym weights + int8 sym activations      | int-quantized   | W8A8 int8       |
 | e4m3 per_tensor/per_channel weights + e4m3 activations   | float-quantized | W8A8 FP8        |
 
+NVFP4, MXFP4, MXFP8 and FP8 blocks are `llmc.export.ct_formats` (compressed-tensors' presets).
+
 `unsupported(quant)` returns why a config has no such checkpoint (vLLM's compressed-tensors
 loader is the reference for what is servable), or None.
 """
@@ -16,6 +18,7 @@ loader is the reference for what is servable), or None.
 from __future__ import annotations
 
 from llmc.config.schema import LlmcConfig, QuantSection
+from llmc.export import ct_formats
 
 FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
 """Linears vLLM and SGLang fuse into one (qkv_proj, gate_up_proj): all of them or none may stay in float."""
@@ -44,6 +47,8 @@ def unsupported(cfg: LlmcConfig) -> str | None:
     if any(m.lower() == "gptq" for m in quant.methods) and _gptq_actorder(quant):
         return ("GPTQ act-order groups (special actorder: true) are not stored by compressed-tensors; "
                 "set actorder: false")
+    if ct_formats.handles(quant):
+        return ct_formats.unsupported(quant)
     if is_float(w):
         if a is None or not is_float(a):
             return ("FP8 weights export as W8A8 FP8 only; add quant.act with quant_type: float-quant, "
@@ -105,6 +110,8 @@ def _gptq_actorder(quant: QuantSection) -> bool:
 
 
 def ct_format(quant: QuantSection) -> str:
+    if ct_formats.handles(quant):
+        return ct_formats.ct_format(quant)
     if is_float(quant.weight):
         return "float-quantized"
     return "pack-quantized" if quant.act is None else "int-quantized"
@@ -114,6 +121,8 @@ def ct_scheme(quant: QuantSection):
     """The compressed-tensors QuantizationScheme of every quantized linear of this config."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
+    if ct_formats.handles(quant):
+        return ct_formats.ct_scheme(quant)
     w, a = quant.weight, quant.act
     strategy = {"per_group": "group", "per_channel": "channel", "per_tensor": "tensor"}[w.granularity]
     weights = QuantizationArgs(

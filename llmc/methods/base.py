@@ -19,6 +19,7 @@ from llmc.errors import ConfigError
 from llmc.methods.lifecycle import CompressionMethod
 from llmc.pipeline.blockwise import BlockContext
 from llmc.quant.fake_linear import FakeQuantLinear
+from llmc.quant.microscaling import NVFP4Quantizer, tie_global_scale
 from llmc.quant.registry import Quantizer, build_quantizer
 
 METHODS: dict[str, type[QuantMethod]] = {}
@@ -33,7 +34,8 @@ class QuantMethod(CompressionMethod):
 
     Special: ClassVar[type[BaseModel]] = NoSpecial
     float_quant: ClassVar[bool] = False
-    """Whether the method works with float-quant (FP8) quantizers, not only integer grids."""
+    """Whether the method works with float formats (float-quant FP8 and FP8 blocks, nvfp4, mxfp4, mxfp8),
+    not only integer grids."""
     prefers_quant_out: ClassVar[bool] = False
     """Whether blocks should by default see the quantized earlier blocks' outputs (`quant.quant_out`)."""
     trains_clipping: ClassVar[bool] = False
@@ -55,13 +57,12 @@ class QuantMethod(CompressionMethod):
             raise ConfigError(
                 f"{self.name}: {explain_validation_error(exc, root=self.Special, prefix='quant.special.')}"
             ) from None
-        uses_float = quant.weight.quant_type == "float-quant" or (
-            quant.act is not None and quant.act.quant_type == "float-quant"
-        )
-        if uses_float and not self.float_quant:
+        floats_used = [s.quant_type for s in (quant.weight, quant.act) if s is not None and s.quant_type != "int-quant"]
+        if floats_used and not self.float_quant:
             floats = ", ".join(sorted(c.name for c in set(METHODS.values()) if c.float_quant))
+            kind = " (FP8)" if floats_used[0] == "float-quant" else ""
             raise ConfigError(
-                f"{self.name} does not support quant_type: float-quant (FP8); use {floats}, or int-quant"
+                f"{self.name} does not support quant_type: {floats_used[0]}{kind}; use {floats}, or int-quant"
             )
         if quant.weight.calib_algo == "learnable" and final and not self.trains_clipping:
             trainers = ", ".join(sorted(c.name for c in set(METHODS.values()) if c.trains_clipping))
@@ -93,8 +94,12 @@ class QuantMethod(CompressionMethod):
         """
         if not self.final:
             return None
+        wq = self.weight_quantizer
+        if isinstance(wq, NVFP4Quantizer):  # one global scale for the linears a serving engine fuses
+            fused = next((mods for _, mods in ctx.groups() if name in mods), {})
+            wq = tie_global_scale(wq, [m.weight for m in fused.values()])
         return FakeQuantLinear.wrap(
-            ctx.block, name, self.weight_quantizer, self.act_quantizer,
+            ctx.block, name, wq, self.act_quantizer,
             act_static=self.quant.act is not None and self.quant.act.static,
         )
 

@@ -14,9 +14,11 @@ from collections.abc import Callable
 from typing import Any
 
 from llmc.quant.fp8 import FP8Quantizer
+from llmc.quant.fp8_block import FP8BlockQuantizer
+from llmc.quant.microscaling import MXQuantizer, NVFP4Quantizer
 from llmc.quant.quantizer import IntQuantizer
 
-Quantizer = IntQuantizer | FP8Quantizer
+Quantizer = IntQuantizer | FP8Quantizer | FP8BlockQuantizer | NVFP4Quantizer | MXQuantizer
 Builder = Callable[[Any, str], Quantizer]
 """`builder(section, role)`: a quantizer from a `quant.weight` or `quant.act` section; role is weight or act."""
 
@@ -50,6 +52,27 @@ def _int(section: Any, role: str) -> IntQuantizer:
 
 
 @register_quantizer("float-quant")
-def _float(section: Any, role: str) -> FP8Quantizer:
+def _float(section: Any, role: str) -> FP8Quantizer | FP8BlockQuantizer:
+    if section.granularity in ("per_block", "per_group"):  # weight blocks, or per-token groups of activations
+        return FP8BlockQuantizer(granularity=section.granularity, block_size=getattr(section, "block_size", 128),
+                                 group_size=max(section.group_size, 1), calib_algo=section.calib_algo,
+                                 percentile=section.percentile)
     return FP8Quantizer(granularity=section.granularity, calib_algo=section.calib_algo, bit=section.bit,
                         percentile=section.percentile)
+
+
+@register_quantizer("nvfp4")
+def _nvfp4(section: Any, role: str) -> NVFP4Quantizer:
+    return NVFP4Quantizer(calib_algo=section.calib_algo, percentile=section.percentile, dynamic_groups=role == "act")
+
+
+@register_quantizer("mxfp4")
+def _mxfp4(section: Any, role: str) -> MXQuantizer:
+    return MXQuantizer(bit="e2m1", calib_algo=section.calib_algo, percentile=section.percentile,
+                       dynamic_groups=role == "act")
+
+
+@register_quantizer("mxfp8")
+def _mxfp8(section: Any, role: str) -> MXQuantizer:
+    return MXQuantizer(bit="e4m3", calib_algo=section.calib_algo, percentile=section.percentile,
+                       dynamic_groups=role == "act")
