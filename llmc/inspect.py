@@ -461,12 +461,12 @@ def quantized_weight(leaves: dict[str, Tensor], bits: float | None) -> tuple[str
         shape = leaves.get("weight_shape")
         if shape is not None:
             dims = small_ints(shape, 2, exact=True)
-            if dims[0] * dims[1] * width > t.numel * 32:  # more weights than the packed words hold
+            if dims[0] * dims[1] * width > t.nbytes * 8:  # more weights than the packed words hold
                 raise CheckpointError(f"{printable(shape.name)} in {printable(shape.file)} is {dims}, more weights "
                                       f"than {printable(t.name)} {list(t.shape)} holds at {width:g} bits; re-save "
                                       "the checkpoint")
             return name, dims[0] * dims[1], width
-        return name, int(t.numel * 32 / width), width
+        return name, int(t.nbytes * 8 / width), width  # int32 words (GPTQ, pack-quantized) or bytes (FP4, MX)
     c = leaves.get("compressed")
     if c is not None and c.dtype in LOW_BIT_WEIGHT_DTYPES and is_legacy_sparse(leaves):  # sparse 8-bit codes
         return "compressed", legacy_numel(leaves), float(LOW_BIT_WEIGHT_DTYPES[c.dtype])

@@ -204,6 +204,10 @@ def test_nvfp4_rtn_weights_tied_global_scales_and_export(tmp_path, tiny_llama_di
     for name, module in modules.items():  # the library dequantizes FP4 in bfloat16
         assert dense[name].dtype == torch.bfloat16
         assert torch.equal(dense[name], module.fake_weight().detach().to(torch.bfloat16)), name
+    from llmc.inspect import inspect_checkpoint
+
+    info = inspect_checkpoint(tmp_path / "out" / "vllm_quant_model")  # two FP4 codes per byte
+    assert info.quantized_params == sum(m.weight.numel() for m in modules.values())
 
 
 def test_nvfp4_w4a4_bf16_export_is_bit_equal_and_loads_in_transformers(tmp_path, tiny_llama_dir):
