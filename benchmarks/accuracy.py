@@ -85,6 +85,9 @@ ROTATION_SETTINGS = {
     "W4A4": (W4_CHANNEL, {"bit": 4, "symmetric": True, "granularity": "per_token"}),
     "W4A8": (W4_CHANNEL, {"bit": 8, "symmetric": True, "granularity": "per_token"}),
     "W6A6": WEIGHT_ACT["W6A6"],
+    # compressed-tensors' symmetric scale (absmax / 7.5 at 4 bits), the peer's arithmetic
+    "W4A4 half-range": ({**W4_CHANNEL, "sym_scale": "half_range"},
+                        {"bit": 4, "symmetric": True, "granularity": "per_token", "sym_scale": "half_range"}),
 }
 # The peer's closest recipe beside a row ("peer"); "llmc": False marks a row only the peer runs.
 # llm-compressor's SpinQuantModifier with fixed (random Hadamard) R1, R2, R4 is QuaRot's rotation set.
@@ -112,6 +115,11 @@ def rotations_plan() -> list[tuple[str, str, dict]]:
     add("W4A4", "FlatQuant")
     add("W4A4", "QuIP (llm-compressor)", peer={**QUIP, "method": "RTN"}, llmc=False)
     add("W4A4", "QuIP+GPTQ (llm-compressor)", peer={**QUIP, "method": "GPTQ"}, llmc=False)
+    half = "W4A4 half-range"
+    add(half, "RTN", peer={})
+    add(half, "QuaRot", peer={**SPINQUANT, "method": "RTN"})
+    add(half, ["QuaRot", "GPTQ"], gptq_after, peer={**SPINQUANT, "method": "GPTQ"})
+    add(half, "FlatQuant")
     add("W4A8", "RTN")
     add("W4A8", ["QuaRot", "GPTQ"], gptq_after)
     for method in ("RTN", "SmoothQuant", "OsPlus"):
@@ -196,6 +204,14 @@ ROTATION_NOTES = [
     "- llm-compressor 0.14's SpinQuantModifier also centers the embedding rows before rotating, which is not "
     "function-preserving before an RMSNorm: on a tiny random Llama it moved the float model's logits by 23% "
     "with no quantization (QuIP's rotation: 7e-7).",
+    "- Findings (2026-12-01, code at 834aa2b; the device copy's git metadata reported 78f188c-dirty): "
+    "QuaRot+GPTQ W4A4 (60.16) is far below RTN W4A4 (10617), OmniQuant W3 (48.47) below AWQ W3 (55.93), "
+    "OS+ W6A6 (25.21) below SmoothQuant W6A6 (26.44); but QuaRot+GPTQ is above llm-compressor's "
+    "SpinQuant+GPTQ (51.01). Cause found since: compressed-tensors' symmetric scale is absmax / 7.5 at 4 "
+    "bits, llmc's absmax / 7 (`sym_scale: qmax`). With `sym_scale: half_range` on weights and activations, "
+    "QuaRot+GPTQ W4A4 on CPU (32 x 512 calibration tokens, 8 windows) went from 52.72 to 46.67; the "
+    "`W4A4 half-range` rows rerun the comparison on the GPU. FlatQuant's row ran over the call's 540 s limit "
+    "on the H200 (speed fix since) and GPTQ+NormTweaking did not fit the session's device time.",
     "- \"not available\": the method was not registered in llmc when the row ran; \"error\": its run failed "
     "(message shown). `--resume` runs both again (a not-available row once its method is registered).",
 ]

@@ -145,3 +145,23 @@ def test_learnable_clipping_needs_a_method_that_trains_it():
         get_methods(cfg)
     methods = get_methods(QuantSection(method=["AWQ", "GPTQ"]))
     assert [m.final for m in methods] == [False, True]
+
+
+def test_half_range_symmetric_scale_matches_compressed_tensors_and_lowers_4bit_error():
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(3))
+    half = IntQuantizer(bit=4, symmetric=True, granularity="per_channel", sym_scale="half_range")
+    qmax = IntQuantizer(bit=4, symmetric=True, granularity="per_channel")
+    scale, zero = half.calc_qparams(w)
+    args = QuantizationArgs(num_bits=4, symmetric=True, strategy="channel")
+    ct_scale, _ = calculate_qparams(w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True), args)
+    torch.testing.assert_close(scale, ct_scale.float(), rtol=1e-6, atol=0)
+    codes = half.quantize(w, scale, zero)
+    assert codes.min() >= -8 and codes.max() <= 7 and (codes == -8).any()
+    assert torch.allclose(scale, qmax.calc_qparams(w)[0] * 7 / 7.5)
+    assert (half.fake_quant(w) - w).pow(2).sum() < (qmax.fake_quant(w) - w).pow(2).sum()
+    with pytest.raises(ValueError, match="half_range applies to symmetric int-quant"):
+        WeightQuantSection(symmetric=False, sym_scale="half_range")
+    assert build_quantizer(ActQuantSection(bit=4, sym_scale="half_range"), "act").sym_scale == "half_range"

@@ -282,6 +282,10 @@ class WeightQuantSection(Section):
     partial_group: bool = Field(
         False, description="Allow a narrower last group where group_size does not divide the input features."
     )
+    sym_scale: Literal["qmax", "half_range"] = Field(
+        "qmax", description="int-quant symmetric scale: absmax / qmax (llmc; /7 at 4 bits) or absmax / half the "
+        "code range (half_range: compressed-tensors' and llm-compressor's, /7.5 at 4 bits)."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -291,6 +295,8 @@ class WeightQuantSection(Section):
     @model_validator(mode="after")
     def _group(self) -> WeightQuantSection:
         _check_quant_type(self.quant_type, self.bit, self.symmetric)
+        if self.sym_scale != "qmax" and (self.quant_type != "int-quant" or not self.symmetric):
+            raise ValueError("sym_scale half_range applies to symmetric int-quant; remove it or set symmetric: true")
         if self.quant_type in MICROSCALING:
             _check_microscaling(self)
         elif self.quant_type == "float-quant" and self.granularity == "per_group":
@@ -315,6 +321,10 @@ class ActQuantSection(Section):
         "of each token (dynamic; float formats: float-quant with group_size 128 for FP8 blocks, nvfp4, mxfp4, mxfp8)."
     )
     group_size: int = Field(-1, description="per_group: features per group (128 for FP8 blocks); -1 otherwise.")
+    sym_scale: Literal["qmax", "half_range"] = Field(
+        "qmax", description="int-quant symmetric scale: absmax / qmax (llmc; /7 at 4 bits) or absmax / half the "
+        "code range (half_range: compressed-tensors' and llm-compressor's, /7.5 at 4 bits)."
+    )
     static: bool = Field(False, description="Calibrate one fixed range (per_tensor only) instead of dynamic; "
                          "nvfp4: calibrate the global scale (the group scales stay dynamic).")
     calib_algo: Literal["minmax", "mse", "percentile", "learnable"] = Field(
@@ -341,6 +351,8 @@ class ActQuantSection(Section):
     @model_validator(mode="after")
     def _static(self) -> ActQuantSection:
         _check_quant_type(self.quant_type, self.bit, self.symmetric)
+        if self.sym_scale != "qmax" and (self.quant_type != "int-quant" or not self.symmetric):
+            raise ValueError("sym_scale half_range applies to symmetric int-quant; remove it or set symmetric: true")
         if self.quant_type in MICROSCALING:
             _check_microscaling(self)
             if self.static and self.quant_type != "nvfp4":

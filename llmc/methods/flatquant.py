@@ -49,6 +49,7 @@ weight-only), and under `quant.special` (the paper's argument names and its W4A4
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Iterator
@@ -58,7 +59,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from llmc.config.schema import QuantSection
 from llmc.errors import ConfigError, NumericsError
@@ -67,9 +67,10 @@ from llmc.methods.lifecycle import ModelContext
 from llmc.methods.smoothquant import smooth_scales, weight_absmax
 from llmc.models.adapter import ModelAdapter
 from llmc.pipeline.blockwise import BlockContext, real_tokens
-from llmc.quant.affine import KroneckerAffine
+from llmc.quant.affine import KroneckerAffine, training_step
 from llmc.quant.fake_linear import PRUNED, FakeQuantLinear
 from llmc.quant.observers import LearnableClip
+from llmc.quant.quantizer import IntQuantizer
 
 log = logging.getLogger("llmc")
 
@@ -96,16 +97,106 @@ class FlatQuantSpecial(BaseModel):
     deactive_amp: bool = Field(False, description="CUDA: train in float32 instead of bf16 autocast.")
 
 
-class _InverseMerged(nn.Module):
-    """Weight parametrization while training: the linear sees `W diag(1/d) P^{-T}` of the current
-    transform."""
+class _Clip:
+    """Logits laid out as a `LearnableClip`'s, for its formula applied to several clips at once."""
 
-    def __init__(self, transform: KroneckerAffine) -> None:
-        super().__init__()
-        self.transform = transform
+    def __init__(self, upper: Tensor, lower: Tensor) -> None:
+        self.upper, self.lower = upper, lower
 
-    def forward(self, weight: Tensor) -> Tensor:
-        return self.transform.transform_weight(weight)
+
+def _clipped_fake_quant(quantizer: IntQuantizer, x: Tensor, clip: _Clip | LearnableClip) -> Tensor:
+    """`x` fake-quantized with the learned clipping of its rows' ranges (`FakeQuantLinear.fake_weight`)."""
+    scale, zero = quantizer.params_from_range(*LearnableClip.forward(clip, quantizer.rows(x).float()))
+    return quantizer.quant_dequant(x, scale, zero)
+
+
+class _TrainedGroup:
+    """A group of linears sharing one transform, while it trains: per step, its input is transformed
+    and fake-quantized once for all its linears (their clippings stacked, per_token), and each
+    linear's forward (`_forward`) picks its share and its weight of the step (`_TrainedBlock`)."""
+
+    def __init__(self, transform: KroneckerAffine, linears: list[FakeQuantLinear]) -> None:
+        self.transform, self.linears = transform, linears
+        aq = linears[0].act_quantizer
+        self.share_input = all(fq.input_transform is transform and fq.act_quantizer == aq for fq in linears)
+        self.stack_acts = (self.share_input and aq is not None and aq.granularity == "per_token"
+                           and all(fq.act_clip is not None for fq in linears))
+        self.weights: list[Tensor] = []
+        self._inputs: tuple[Tensor, list[Tensor]] | None = None
+
+    def _quantized_inputs(self, y: Tensor) -> list[Tensor]:
+        if not self.stack_acts:
+            if all(m.act_clip is None for m in self.linears):  # the same for all
+                return [self.linears[0].quantize_input(y)] * len(self.linears)
+            return [m.quantize_input(y) for m in self.linears]
+        aq = self.linears[0].act_quantizer
+        clip = _Clip(*(torch.stack([getattr(m.act_clip, n) for m in self.linears]) for n in ("upper", "lower")))
+        scale, zero = aq.params_from_range(*LearnableClip.forward(clip, aq.rows(y).float()))  # [k, tokens, 1]
+        stacked = y.unsqueeze(0).expand(len(self.linears), *y.shape)
+        return list(aq.quant_dequant(stacked, scale.reshape(-1, 1), zero.reshape(-1, 1)).unbind())
+
+    def _forward(self, index: int, x: Tensor) -> Tensor:
+        fq = self.linears[index]
+        if not self.share_input:
+            xq = fq.quantize_input(fq.input_transform(x))
+        else:
+            if self._inputs is None or self._inputs[0] is not x:
+                self._inputs = (x, self._quantized_inputs(self.transform(x)))
+            xq = self._inputs[1][index]
+        return F.linear(xq, self.weights[index], fq.bias)
+
+
+class _TrainedBlock:
+    """The block's groups while they train. Per step every linear's weight is transformed (a group's
+    linears at once) and fake-quantized with its learned clipping, all the block's linears of one
+    input width and quantizer together (rows of their weights stacked; not per_tensor, whose one
+    row is the whole weight). The functions of `FakeQuantLinear` with the transform inside, in fewer
+    operators: a training step is launch-bound on a GPU."""
+
+    def __init__(self, groups: list[tuple[KroneckerAffine, list[FakeQuantLinear]]]) -> None:
+        self.groups = [_TrainedGroup(t, fqs) for t, fqs in groups]
+        self.buckets: dict[tuple | None, list[_TrainedGroup]] = {}
+        self.float_weights: dict[int, Tensor] = {}
+        for g in self.groups:
+            fq = g.linears[0]
+            wq = fq.weight_quantizer
+            same = all(m.weight_quantizer == wq and m.weight.dtype == fq.weight.dtype for m in g.linears)
+            key = (wq, fq.in_features, fq.weight.dtype) if same and wq.granularity != "per_tensor" else None
+            self.buckets.setdefault(key, []).append(g)
+            if key is not None:
+                self.float_weights[id(g)] = torch.cat([m.weight.detach() for m in g.linears])
+
+    def __enter__(self) -> _TrainedBlock:
+        for g in self.groups:
+            for index, fq in enumerate(g.linears):
+                fq.forward = functools.partial(g._forward, index)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for g in self.groups:
+            for fq in g.linears:
+                del fq.forward
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """One training step's forward: the weights are computed on entry, the caches dropped on exit."""
+        for key, groups in self.buckets.items():
+            if key is None:
+                for g in groups:
+                    g.weights = [_clipped_fake_quant(fq.weight_quantizer, g.transform.transform_weight(fq.weight),
+                                                     fq.weight_clip) for fq in g.linears]
+                continue
+            linears = [fq for g in groups for fq in g.linears]
+            weight = torch.cat([g.transform.transform_weight(self.float_weights[id(g)]) for g in groups])
+            clip = _Clip(*(torch.cat([getattr(fq.weight_clip, n) for fq in linears]) for n in ("upper", "lower")))
+            weights = iter(_clipped_fake_quant(key[0], weight, clip).split([fq.out_features for fq in linears]))
+            for g in groups:
+                g.weights = [next(weights) for _ in g.linears]
+        try:
+            yield
+        finally:
+            for g in self.groups:
+                g.weights, g._inputs = [], None
 
 
 @register_method
@@ -215,7 +306,7 @@ class FlatQuant(QuantMethod):
         _, targets, x_max = recorded
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + ctx.index)
         sp = self.special
-        transforms: list[KroneckerAffine] = []
+        groups: list[tuple[KroneckerAffine, list[FakeQuantLinear]]] = []
         wrapped: list[tuple[FakeQuantLinear, KroneckerAffine]] = []
         saved = {p: p.requires_grad for p in ctx.block.parameters()}
         for _group, mods in ctx.groups():
@@ -226,20 +317,20 @@ class FlatQuant(QuantMethod):
                 diag = 1.0 / smooth_scales(x_max[names[0]], w_max, sp.diag_alpha)
             transform = KroneckerAffine(mods[names[0]].in_features, diag=diag, add_diag=sp.add_diag,
                                         direct_inv=sp.direct_inv, generator=gen, device=ctx.device)
-            transforms.append(transform)
+            groups.append((transform, []))
             for name in names:
                 fq = self.wrap_linear(ctx, name)
                 before = fq.input_transform  # an earlier method's online transform (a Hadamard) runs first
                 fq.input_transform = transform if before is None else nn.Sequential(before, transform)
-                parametrize.register_parametrization(fq, "weight", _InverseMerged(transform))
                 fq.learn_clipping(4.0 if sp.lwc else UNCLIPPED)
                 if sp.lac and self.act_quantizer is not None:
                     fq.act_clip = LearnableClip(1, 4.0, device=ctx.device)
                 wrapped.append((fq, transform))
+                groups[-1][1].append(fq)
         del x_max
         try:
             if wrapped:
-                losses = self._train(ctx, targets, transforms, [fq for fq, _ in wrapped])
+                losses = self._train(ctx, targets, groups)
                 self.epoch_losses[ctx.index] = losses
                 if losses:
                     log.info("FlatQuant block %d: loss %.3g -> %.3g over %d epochs", ctx.index, losses[0],
@@ -250,58 +341,65 @@ class FlatQuant(QuantMethod):
             for p in ctx.block.parameters():
                 p.requires_grad_(saved.get(p, False))
 
-    def _train(self, ctx: BlockContext, targets: list[Tensor], transforms: list[KroneckerAffine],
-               linears: list[FakeQuantLinear]) -> list[float]:
+    def _train(self, ctx: BlockContext, targets: list[Tensor],
+               groups: list[tuple[KroneckerAffine, list[FakeQuantLinear]]]) -> list[float]:
+        transforms = [t for t, _ in groups]
+        linears = [fq for _, fqs in groups for fq in fqs]
         sp, lr = self.special, self.special.flat_lr
-        groups = []
+        params = []
         if sp.cali_trans:
-            groups.append({"params": [p for t in transforms for p in t.matrix_parameters()], "lr": lr})
+            params.append({"params": [p for t in transforms for p in t.matrix_parameters()], "lr": lr})
         if sp.add_diag:
-            groups.append({"params": [t.diag_scale for t in transforms], "lr": lr})
+            params.append({"params": [t.diag_scale for t in transforms], "lr": lr})
         if sp.lwc:
-            groups.append({"params": [p for m in linears for p in m.weight_clip.parameters()], "lr": 10 * lr})
+            params.append({"params": [p for m in linears for p in m.weight_clip.parameters()], "lr": 10 * lr})
         if sp.lac and self.act_quantizer is not None:
-            groups.append({"params": [p for m in linears for p in m.act_clip.parameters()], "lr": 10 * lr})
-        groups = [g for g in groups if g["params"]]
-        trained = {id(p) for g in groups for p in g["params"]}
+            params.append({"params": [p for m in linears for p in m.act_clip.parameters()], "lr": 10 * lr})
+        params = [g for g in params if g["params"]]
+        trained = {id(p) for g in params for p in g["params"]}
         steps = sp.epochs * len(ctx.inputs)
-        if not groups or not steps:
+        if not params or not steps:
             return []
         for p in ctx.block.parameters():
             p.requires_grad_(id(p) in trained)
-        optimizer = torch.optim.AdamW(groups)
+        # CUDA: one fused kernel for the whole update (the step is bound by kernel launches there).
+        optimizer = torch.optim.AdamW(params, fused=True if ctx.device.type == "cuda" else None)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=lr * 1e-3)
         if sp.warmup:
             warm = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=16)
             schedule = torch.optim.lr_scheduler.ChainedScheduler([warm, schedule])
+        with _TrainedBlock(groups) as trained, torch.enable_grad():
+            return self._epochs(ctx, targets, transforms, trained, optimizer, schedule)
+
+    def _epochs(self, ctx: BlockContext, targets: list[Tensor], transforms: list[KroneckerAffine],
+                trained: _TrainedBlock, optimizer: torch.optim.Optimizer,
+                schedule: torch.optim.lr_scheduler.LRScheduler) -> list[float]:
+        sp, losses = self.special, []
         amp = ctx.device.type == "cuda" and not sp.deactive_amp
-        losses = []
-        with torch.enable_grad():
-            for _ in range(sp.epochs):
-                total = torch.zeros((), device=ctx.device)
-                for i in range(len(ctx.inputs)):
-                    ctx.batch = i
-                    hidden, args, kwargs = ctx.inputs.batch(i, ctx.device)
-                    with contextlib.ExitStack() as step:
-                        step.enter_context(torch.autocast(ctx.device.type, torch.bfloat16, enabled=amp))
-                        step.enter_context(parametrize.cached())
-                        for t in transforms:
-                            step.enter_context(t.one_step())
-                        out = ctx.block(hidden, *args, **kwargs)
-                    out = out[0] if isinstance(out, tuple) else out
-                    mask = ctx.token_mask(i)
-                    target = real_tokens(targets[i].to(ctx.device, torch.float32), mask)
-                    loss = F.mse_loss(real_tokens(out.float(), mask), target)
-                    total += loss.detach()
-                    optimizer.zero_grad(set_to_none=True)
-                    # The paper's code steps along the gradient of log(MSE): scale-free across blocks.
-                    (loss / loss.detach().clamp(min=1e-30)).backward()
-                    optimizer.step()
-                    schedule.step()
-                losses.append(float(total) / len(ctx.inputs))
-                if not math.isfinite(losses[-1]):
-                    raise NumericsError(f"FlatQuant's training loss became NaN/Inf in block {ctx.index}; "
-                                        f"lower quant.special.flat_lr, or set deactive_amp: true")
+        for _ in range(sp.epochs):
+            total = torch.zeros((), device=ctx.device)
+            for i in range(len(ctx.inputs)):
+                ctx.batch = i
+                hidden, args, kwargs = ctx.inputs.batch(i, ctx.device)
+                with contextlib.ExitStack() as step:
+                    step.enter_context(torch.autocast(ctx.device.type, torch.bfloat16, enabled=amp))
+                    step.enter_context(training_step(transforms))
+                    step.enter_context(trained.step())
+                    out = ctx.block(hidden, *args, **kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                mask = ctx.token_mask(i)
+                target = real_tokens(targets[i].to(ctx.device, torch.float32), mask)
+                loss = F.mse_loss(real_tokens(out.float(), mask), target)
+                total += loss.detach()
+                optimizer.zero_grad(set_to_none=True)
+                # The paper's code steps along the gradient of log(MSE): scale-free across blocks.
+                (loss / loss.detach().clamp(min=1e-30)).backward()
+                optimizer.step()
+                schedule.step()
+            losses.append(float(total) / len(ctx.inputs))
+            if not math.isfinite(losses[-1]):
+                raise NumericsError(f"FlatQuant's training loss became NaN/Inf in block {ctx.index}; "
+                                    f"lower quant.special.flat_lr, or set deactive_amp: true")
         return losses
 
     @torch.no_grad()
@@ -311,7 +409,6 @@ class FlatQuant(QuantMethod):
         for _, transform in wrapped:
             transform.freeze()
         for fq, transform in wrapped:
-            parametrize.remove_parametrizations(fq, "weight", leave_parametrized=False)
             merged = transform.merge_weight(fq.weight)
             if not torch.isfinite(merged).all():
                 raise NumericsError(f"FlatQuant's transform of block {ctx.index} became singular; lower "

@@ -17,6 +17,10 @@ between the outlier channels and the bulk unsearched, where the best t lay on th
 module output (attention, MLP, or the linear itself) against its float output, with the group's
 weights fake-quantized as Q(W s) and its input as Q((X - z) / s) with the configured weight and
 activation quantizers, on the calibration tokens (padding excluded); ties keep the larger t.
+The search is coarse to fine: every k-th candidate (k = sqrt(n_grid) / 2, rounded; 5 of 100),
+then every candidate within k of the two best coarse ones, about a third of the grid in all
+(on the tests' outlier models it found the full grid's best in every group; the error is not
+unimodal in t, so one coarse best alone sometimes missed it).
 
 Folding keeps the float model unchanged: the producer's output becomes (X - z) / s (a norm's
 weight and bias, a linear producer's rows and bias) and each linear reading X gets W' = W diag(s),
@@ -38,7 +42,11 @@ Config keys: `quant.weight.*`, `quant.act.*`, and under `quant.special` (use_shi
   weight_clip (bool, default false): llmc's clipping after the transform is not done here; true is
     an error pointing to `method: [OsPlus, AWQ]` with `AWQ: {trans: false}` (AWQ's clip search).
   smooth_linear_producers (bool, default false): also transform groups fed by a linear.
-  n_grid (int, default 100): the most thresholds tried per group.
+  n_grid (int, default 100): the thresholds of the grid per group.
+  coarse_to_fine (bool, default true): search the grid coarse to fine (above); false: try all.
+  search_tokens (int or null, default null: all): score the candidates on the first calibration
+    batches holding at most this many tokens (as AWQ's key; the channel ranges still use all);
+    65536 is AWQ's default.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
+from llmc.methods.awq import search_batches
 from llmc.methods.base import QuantMethod, register_method
 from llmc.methods.smoothquant import is_norm
 from llmc.methods.transforms import fold_scales, producer_channels, tie_gqa_scales, transformed_online
@@ -65,7 +74,12 @@ class OsPlusSpecial(BaseModel):
     use_shift: bool = Field(True, description="Shift channels to symmetric ranges where it folds exactly.")
     weight_clip: bool = Field(False, description="Not done by OsPlus; clip with method: [OsPlus, AWQ].")
     smooth_linear_producers: bool = Field(False, description="Also transform groups fed by a linear (v->o, up->down).")
-    n_grid: int = Field(100, ge=1, description="The most thresholds tried per group.")
+    n_grid: int = Field(100, ge=1, description="The thresholds of the grid per group.")
+    coarse_to_fine: bool = Field(True, description="Search the grid coarse to fine instead of trying all.")
+    search_tokens: int | None = Field(
+        None, ge=1, description="Score the candidates on the first calibration batches holding at most this many "
+        "tokens (channel ranges still use all); null = all."
+    )
 
     @field_validator("weight_clip")
     @classmethod
@@ -135,22 +149,42 @@ def to_producer(vector: Tensor, producer_out: int, head_dim: int | None) -> Tens
 
 @contextlib.contextmanager
 def transformed_inputs(linears: list[nn.Module], fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
-    """Inside this context each of `linears` reads `fn(input)` instead of its input."""
-    handles = [m.register_forward_pre_hook(lambda _m, args: (fn(args[0]), *args[1:])) for m in linears]
+    """Inside this context each of `linears` reads `fn(input)` instead of its input; linears called
+    in a row on the same input tensor (q, k, v) share one `fn(input)`."""
+    last: list = [None, None]
+
+    def hook(_m: nn.Module, args: tuple) -> tuple:
+        if args[0] is not last[0]:
+            last[:] = [args[0], fn(args[0])]
+        return (last[1], *args[1:])
+
+    handles = [m.register_forward_pre_hook(hook) for m in linears]
     try:
         yield
     finally:
+        last.clear()
         for h in handles:
             h.remove()
 
 
-def output_error(module: nn.Module, calls: list[ModuleCall], masks: list[Tensor | None]) -> float:
-    """Summed squared error (float32) of re-running `module` against its recorded outputs, real tokens only."""
-    total = 0.0
+def output_error(module: nn.Module, calls: list[ModuleCall], masks: list[Tensor | None]) -> Tensor:
+    """Summed squared error of re-running `module` against its recorded outputs, real tokens only: per
+    call in float32, summed in float64, on the device (no host sync)."""
+    total = torch.zeros((), dtype=torch.float64, device=calls[0].output.device if calls else None)
     for call, mask in zip(calls, masks):
         diff = real_tokens(call.rerun(module).float() - call.output.float(), mask)
-        total += float(diff.pow(2).sum())
+        total += diff.pow(2).sum().double()
     return total
+
+
+def coarse_step(n: int) -> int:
+    """The stride of the coarse pass over `n` candidates (1: try all)."""
+    return max(1, round(math.sqrt(n) / 2))
+
+
+def refined(n: int, step: int, centers: list[int]) -> list[int]:
+    """The candidates within `step` of the `centers` (the fine pass)."""
+    return sorted({i for c in centers for i in range(max(0, c - step + 1), min(n, c + step))})
 
 
 @register_method
@@ -190,8 +224,9 @@ class OsPlus(QuantMethod):
         return out
 
     def extra_device_bytes(self, model: nn.Module, adapter: ModelAdapter, calib_tokens: int) -> int:
-        """The recorded inspect-module calls of every group (inputs and outputs of every calibration
+        """The recorded inspect-module calls of every group (inputs and outputs of every searched
         token) plus float32 copies of the largest group's weights."""
+        calib_tokens = min(calib_tokens, self.special.search_tokens or calib_tokens)
         elem = next(model.parameters()).element_size()
         hidden = model.get_input_embeddings().embedding_dim
         record = weights = 0
@@ -207,10 +242,10 @@ class OsPlus(QuantMethod):
         """Record each group's inspect-module calls and input channel ranges in the forwards run here."""
         records = [GroupRecord() for _ in plans]
         by_input = {p.group.linears[0]: r for p, r in zip(plans, records)}
-        with ctx.recording_calls([p.group.inspect for p in plans]) as calls:
+        batches = search_batches(ctx, self.special.search_tokens)
+        with ctx.recording_calls([p.group.inspect for p in plans], batches=batches) as calls:
             with ctx.hook_inputs(list(by_input), lambda name, rows: by_input[name].add(rows), only_real_tokens=True):
                 yield records
-        batches = len(ctx.inputs)
         for plan, record in zip(plans, records):
             record.calls = calls[plan.group.inspect]
             count = len(record.calls)
@@ -273,27 +308,44 @@ class OsPlus(QuantMethod):
             moved = ((x.float() - zero) / current["s"]).to(x.dtype)
             return aq.fake_quant(moved) if aq is not None else moved
 
-        best_err, best_scales = math.inf, torch.ones_like(channel_max)
+        thresholds = candidate_thresholds(channel_max, self.special.n_grid)
+        n = len(thresholds)
+        if n == 0:
+            return shift, torch.ones_like(channel_max)
+
+        def scales_at(i: int) -> Tensor:
+            scales = (channel_max / thresholds[i]).clamp(min=1.0)
+            return tie_gqa_scales(scales, produced, plan.head_dim) if plan.head_dim is not None else scales
+
+        errors = torch.full((n,), math.inf, dtype=torch.float64, device=ctx.device)  # inf: not tried
+        tried: set[int] = set()
+
+        def evaluate(indices: list[int]) -> None:
+            for i in indices:
+                if i in tried:
+                    continue
+                tried.add(i)
+                current["s"] = scales = scales_at(i)
+                for m, w in zip(linears, floats):
+                    m.weight.copy_(wq.fake_quant(w * scales).to(dtype))
+                errors[i] = output_error(module, record.calls, record.masks)
+
+        step = coarse_step(n) if self.special.coarse_to_fine else 1
         try:
+            if shift is not None:  # the same for every candidate
+                for m, w, (_, b) in zip(linears, floats, originals):
+                    m.bias.copy_((b.float() + w @ shift).to(b.dtype))
             with transformed_inputs(linears, quantized_input):
-                for t in candidate_thresholds(channel_max, self.special.n_grid):
-                    scales = (channel_max / t).clamp(min=1.0)
-                    if plan.head_dim is not None:
-                        scales = tie_gqa_scales(scales, produced, plan.head_dim)
-                    current["s"] = scales
-                    for m, w, (_, b) in zip(linears, floats, originals):
-                        m.weight.copy_(wq.fake_quant(w * scales).to(dtype))
-                        if shift is not None:
-                            m.bias.copy_((b.float() + w @ shift).to(b.dtype))
-                    err = output_error(module, record.calls, record.masks)
-                    if err < best_err:
-                        best_err, best_scales = err, scales
+                evaluate(list(range(0, n, step)) + [n - 1])
+                if step > 1:
+                    evaluate(refined(n, step, _ranked(errors)[:2]))
         finally:
             for m, (w, b) in zip(linears, originals):
                 m.weight.copy_(w)
                 if b is not None:
                     m.bias.copy_(b)
-        return shift, best_scales
+        best = _ranked(errors)[0]
+        return shift, scales_at(best) if math.isfinite(errors[best]) else torch.ones_like(channel_max)
 
     @torch.no_grad()
     def fold(self, ctx: BlockContext, plan: GroupPlan, shift: Tensor | None, scales: Tensor) -> None:
@@ -306,6 +358,12 @@ class OsPlus(QuantMethod):
             produced = to_producer(shift, producer_channels(plan.prev), plan.head_dim).to(bias.device)
             bias.copy_((bias.float() - produced).to(bias.dtype))
         fold_scales(plan.prev, readers, scales, plan.head_dim)
+
+
+def _ranked(errors: Tensor) -> list[int]:
+    """Candidate indices by error, ties (and NaN last) in grid order: the larger t first."""
+    values = errors.tolist()
+    return sorted(range(len(values)), key=lambda i: (math.inf if math.isnan(values[i]) else values[i], i))
 
 
 def _head_dim(ctx: BlockContext) -> int | None:

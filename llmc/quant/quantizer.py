@@ -47,6 +47,10 @@ class IntQuantizer:
     mse_maxshrink: float = 0.8
     percentile: float = 99.9
     """calib_algo percentile: the upper percentile kept (the lower one is 100 - percentile)."""
+    sym_scale: str = "qmax"
+    """Symmetric scale: `absmax / qmax` (qmax, llmc's: /7 at 4 bits) or `absmax / ((qmax - qmin) / 2)`
+    (half_range, compressed-tensors' and llm-compressor's: /7.5 at 4 bits, so the negative extreme uses
+    code -8 and the positive one clips to 7)."""
     scale_dtype: torch.dtype | None = None
     """fp16/bf16: scales are rounded to this dtype (the model's), so a checkpoint that stores them in
     it dequantizes to exactly the fake-quantized weight; None keeps float32 scales."""
@@ -63,6 +67,8 @@ class IntQuantizer:
             raise ValueError(f"unknown granularity {self.granularity!r}")
         if self.granularity == "per_group" and self.group_size < 1:
             raise ValueError("per_group needs group_size >= 1")
+        if self.sym_scale not in ("qmax", "half_range"):
+            raise ValueError(f"unknown sym_scale {self.sym_scale!r}; use qmax or half_range")
         if self.calib_algo not in OBSERVERS:
             raise ValueError(f"unknown calib_algo {self.calib_algo!r}; use one of {', '.join(OBSERVERS)}")
 
@@ -102,7 +108,8 @@ class IntQuantizer:
         tiny = torch.finfo(torch.float32).tiny * 1e3
         if self.symmetric:
             absmax = torch.maximum(xmax, -xmin)
-            scale = representable_scale((absmax / self.qmax).clamp(min=tiny), self.scale_dtype)
+            steps = self.qmax if self.sym_scale == "qmax" else (self.qmax - self.qmin) / 2
+            scale = representable_scale((absmax / steps).clamp(min=tiny), self.scale_dtype)
             zero = torch.zeros_like(scale)
         else:
             scale = representable_scale(((xmax - xmin) / self.qmax).clamp(min=tiny), self.scale_dtype)

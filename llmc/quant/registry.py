@@ -48,6 +48,7 @@ def _int(section: Any, role: str) -> IntQuantizer:
         bit=section.bit, symmetric=section.symmetric, granularity=section.granularity,
         group_size=section.group_size if weight else -1, calib_algo=section.calib_algo,
         partial_group=section.partial_group if weight else False, percentile=section.percentile,
+        sym_scale=section.sym_scale,
     )
 
 
