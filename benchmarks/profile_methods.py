@@ -1,18 +1,22 @@
 """Where a calibrated method spends its time: a few blocks of a random Llama shaped like SmolLM2-135M.
 
-    python benchmarks/profile_methods.py FlatQuant --epochs 1            # per step: stages, ops, time
-    python benchmarks/profile_methods.py OsPlus --bits 4                 # per block, per group search
-    python benchmarks/profile_methods.py SmoothQuant --ops               # ... with torch.profiler op counts
+    python benchmarks/profile_methods.py FlatQuant --epochs 1          # per training step: stage times
+    python benchmarks/profile_methods.py FlatQuant --kernels           # ... and operators per stage
+    python benchmarks/profile_methods.py FlatQuant --epochs 20 --samples 2 --seq 16 --bs 1 \
+        --shape 64,192,4,2,16 --no-stages                              # per-step overhead (GPU proxy)
+    python benchmarks/profile_methods.py OsPlus --blocks 1 --samples 8  # candidates scored, time each
 
-The model: hidden 576, MLP 1536, 9 heads of 64, 3 kv heads (SmolLM2-135M), `--blocks` blocks,
-random weights (a few norm channels blown up, so activations have outliers); calibration
-`--samples` x `--seq` random tokens in batches of `--bs`. Methods run through the block-wise
-pipeline as in a real run (observe, prepare_block, process_block). Stage times are inclusive
-wall times of the wrapped functions (nested stages overlap: the forward includes the transform,
-quantizers and weight parametrization; on CUDA every wrapped call synchronizes, so stage times
-there show the work but slow the run). `--ops` adds torch.profiler's count of operator calls per
-training step (FlatQuant) or per block, a proxy for kernel launches on a GPU, where a model this
-small is bound by launches rather than by arithmetic.
+The model: hidden 576, MLP 1536, 9 heads of 64, 3 kv heads (SmolLM2-135M; `--shape`), `--blocks`
+blocks, random weights (a few norm channels x 20, so activations have outliers); calibration
+`--samples` x `--seq` random tokens in batches of `--bs`; W`--bits`A`--bits` symmetric, per_channel
+weights, per_token activations. Methods run through the block-wise pipeline as in a real run
+(observe, prepare_block, process_block). Stage times are inclusive wall times of the wrapped
+functions (nested stages overlap; on CUDA every wrapped call synchronizes). `--kernels` counts the
+aten operators that are not views (about one kernel launch each on a GPU), forward and backward,
+by innermost stage: a SmolLM2-sized training step is bound by launches on a GPU, not arithmetic,
+and a tiny `--shape` keeps the operators and leaves their CPU overhead. On CPU use `--threads 1`
+(the default) on a shared machine: with more, every small multi-threaded op waits for a
+descheduled thread (a 48 x 48 solve took 24 ms instead of 0.16 ms here).
 """
 
 from __future__ import annotations
@@ -110,9 +114,11 @@ def instrument(method_name: str, device: torch.device) -> None:
         for name in ("_Factor", "KroneckerFactor"):
             if hasattr(affine, name):
                 timer(getattr(affine, name), "matrix_and_inverse_t", "P_i and P_i^-T (Cayley)", device)
-        for name in ("factor_matrices",):
-            if hasattr(affine, name):
-                timer(affine, name, "P and P^-T per step (batched)", device)
+        if hasattr(affine, "factor_matrices"):  # the batched training step
+            timer(affine, "factor_matrices", "P and P^-T per step (batched)", device)
+            timer(affine._TrainedGroup, "_quantized_inputs", "group input fake-quant (LAC)", device)
+            timer(affine._TrainedGroup, "_forward", "linear forward (all of it)", device)
+            timer(affine.TrainedBlock, "_step_weights", "weights of the step (transform, LWC)", device)
         timer(torch.Tensor, "backward", "backward", device)
         timer(torch.optim.AdamW, "step", "optimizer step", device)
     if method_name in ("OsPlus", "SmoothQuant", "AWQ"):

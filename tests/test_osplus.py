@@ -1,6 +1,7 @@
 """OS+: shifting and scaling alone keep the function (and the saved model), the shift makes the
 inputs symmetric and happens only where biases take it, and with quantization OS+ beats RTN and
-is at or below SmoothQuant on blocks with asymmetric outlier channels."""
+is at or below SmoothQuant on blocks with asymmetric outlier channels; the coarse-to-fine search
+finds the full grid's thresholds there with a third of the candidates."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from llmc import compress
 from llmc.config import load_config
 from llmc.errors import ConfigError
-from llmc.methods import get_method
+from llmc.methods import get_method, osplus
 from llmc.methods.osplus import OsPlus, candidate_thresholds
 from llmc.models import get_adapter
 from llmc.pipeline import BlockwisePipeline, capture_block_inputs
@@ -209,3 +210,58 @@ def test_bad_special_keys():
     method = OsPlus(_quant("OS+", use_shift=False))
     assert method.special.use_shift is False and method.special.n_grid == 100
     assert type(get_method(_quant("os+"))) is OsPlus
+
+
+def _search_all_groups(kind: str, bits: int, monkeypatch, **special):
+    """Scales OS+ picks for every group of the outlier model, and how many candidates it scored."""
+    base, adapter = _outlier_model(kind, 384)
+    inputs = _calib(base, adapter, _ids(384, (4, 64), seed=5))
+    scored, picked = [], []
+    error, search = osplus.output_error, OsPlus.search
+    with monkeypatch.context() as patch:
+        patch.setattr(osplus, "output_error", lambda *a: scored.append(1) or error(*a))
+        patch.setattr(OsPlus, "search", lambda *a: picked.append(search(*a)) or picked[-1])
+        _run(copy.deepcopy(base), adapter, inputs, _method(wbit=bits, abit=bits, **special), observe=True)
+    return [scales for _, scales in picked], len(scored)
+
+
+@pytest.mark.parametrize(("kind", "bits"), [("opt", 4), ("llama", 6)])
+def test_coarse_to_fine_finds_the_full_grids_best(kind, bits, monkeypatch):
+    full, tried_all = _search_all_groups(kind, bits, monkeypatch, coarse_to_fine=False)
+    fast, tried = _search_all_groups(kind, bits, monkeypatch)
+    assert tried_all == 100 * len(full) and tried <= 0.4 * tried_all, (tried, tried_all)
+    for a, b in zip(full, fast, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_grid_helpers():
+    assert osplus.coarse_step(100) == 5 and osplus.coarse_step(20) == 2 and osplus.coarse_step(3) == 1
+    assert osplus.refined(100, 5, [0, 50]) == [0, 1, 2, 3, 4, 46, 47, 48, 49, 50, 51, 52, 53, 54]
+    errors = torch.tensor([3.0, 1.0, float("nan"), 1.0, float("inf"), 0.5])
+    assert osplus._ranked(errors) == [5, 1, 3, 0, 4, 2]  # ties keep the larger t (first), NaN last
+
+
+def test_search_tokens_limit_the_scored_batches():
+    model, adapter = _outlier_model("llama", 384)
+    inputs = _calib(model, adapter, _ids(384, (6, 32), seed=2))  # 3 batches of 64 tokens
+    block = adapter.get_blocks(model)[0]
+    ranges = {}
+    for limit in (None, 130):
+        method = _method(search_tokens=limit)
+        ctx = BlockContext(0, block, adapter, inputs, CPU, adapter.linear_names())
+        with method.recording(ctx, method.plans(ctx)) as records:
+            ctx.forward_until(None)
+        assert all(len(r.calls) == (3 if limit is None else 2) for r in records)
+        ranges[limit] = [(r.xmin, r.xmax) for r in records]  # channel ranges: always every batch
+    for (lo, hi), (lo2, hi2) in zip(ranges[None], ranges[130]):
+        assert torch.equal(lo, lo2) and torch.equal(hi, hi2)
+
+
+def test_linears_reading_one_input_share_its_transform():
+    linears = [torch.nn.Linear(4, 3) for _ in range(3)]
+    calls = []
+    x, y = torch.randn(2, 4), torch.randn(2, 4)
+    with osplus.transformed_inputs(linears, lambda t: calls.append(t) or t * 2):
+        outs = [m(x) for m in linears] + [linears[0](y)]
+    assert len(calls) == 2 and calls[0] is x and calls[1] is y
+    torch.testing.assert_close(outs[1], linears[1](2 * x))

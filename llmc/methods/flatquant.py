@@ -12,7 +12,12 @@ activation clipping (LAC: `FakeQuantLinear.act_clip`) are trained to make the fa
 block's output match the float block's (MSE, AdamW, cosine schedule, straight-through rounding);
 the float outputs are recorded before any method changes the block, and the next block is fed the
 float outputs (the paper's procedure). At the end the inverses are merged into the weights in
-float64, the weight ranges fixed from the merged weights, and `x P` stays online. Such a model
+float64, the weight ranges fixed from the merged weights, and `x P` stays online. A training step
+computes these functions in few operators (`llmc.quant.affine.training_step` and `TrainedBlock`:
+the block's matrices in batched solves without host syncs, each group's input transformed and
+quantized once for all its linears, the weights of one input width quantized together; a fused
+AdamW on CUDA): for a model of SmolLM2's size a step is bound by kernel launches, not arithmetic.
+Such a model
 exists only in memory: every save_* export is refused before calibration (`export_refusal`);
 a resumed run gets the transforms back from its checkpoint (`restore_linear`). The transforms
 start from random orthogonal matrices seeded by base.seed and the block index.
@@ -49,7 +54,6 @@ weight-only), and under `quant.special` (the paper's argument names and its W4A4
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 from collections.abc import Iterator
@@ -67,10 +71,9 @@ from llmc.methods.lifecycle import ModelContext
 from llmc.methods.smoothquant import smooth_scales, weight_absmax
 from llmc.models.adapter import ModelAdapter
 from llmc.pipeline.blockwise import BlockContext, real_tokens
-from llmc.quant.affine import KroneckerAffine, training_step
+from llmc.quant.affine import KroneckerAffine, TrainedBlock, training_step
 from llmc.quant.fake_linear import PRUNED, FakeQuantLinear
 from llmc.quant.observers import LearnableClip
-from llmc.quant.quantizer import IntQuantizer
 
 log = logging.getLogger("llmc")
 
@@ -95,108 +98,6 @@ class FlatQuantSpecial(BaseModel):
     direct_inv: bool = Field(False, description="Train the matrices directly (inverse by torch.linalg.inv).")
     warmup: bool = Field(False, description="Linear learning-rate warm-up over the first 16 steps.")
     deactive_amp: bool = Field(False, description="CUDA: train in float32 instead of bf16 autocast.")
-
-
-class _Clip:
-    """Logits laid out as a `LearnableClip`'s, for its formula applied to several clips at once."""
-
-    def __init__(self, upper: Tensor, lower: Tensor) -> None:
-        self.upper, self.lower = upper, lower
-
-
-def _clipped_fake_quant(quantizer: IntQuantizer, x: Tensor, clip: _Clip | LearnableClip) -> Tensor:
-    """`x` fake-quantized with the learned clipping of its rows' ranges (`FakeQuantLinear.fake_weight`)."""
-    scale, zero = quantizer.params_from_range(*LearnableClip.forward(clip, quantizer.rows(x).float()))
-    return quantizer.quant_dequant(x, scale, zero)
-
-
-class _TrainedGroup:
-    """A group of linears sharing one transform, while it trains: per step, its input is transformed
-    and fake-quantized once for all its linears (their clippings stacked, per_token), and each
-    linear's forward (`_forward`) picks its share and its weight of the step (`_TrainedBlock`)."""
-
-    def __init__(self, transform: KroneckerAffine, linears: list[FakeQuantLinear]) -> None:
-        self.transform, self.linears = transform, linears
-        aq = linears[0].act_quantizer
-        self.share_input = all(fq.input_transform is transform and fq.act_quantizer == aq for fq in linears)
-        self.stack_acts = (self.share_input and aq is not None and aq.granularity == "per_token"
-                           and all(fq.act_clip is not None for fq in linears))
-        self.weights: list[Tensor] = []
-        self._inputs: tuple[Tensor, list[Tensor]] | None = None
-
-    def _quantized_inputs(self, y: Tensor) -> list[Tensor]:
-        if not self.stack_acts:
-            if all(m.act_clip is None for m in self.linears):  # the same for all
-                return [self.linears[0].quantize_input(y)] * len(self.linears)
-            return [m.quantize_input(y) for m in self.linears]
-        aq = self.linears[0].act_quantizer
-        clip = _Clip(*(torch.stack([getattr(m.act_clip, n) for m in self.linears]) for n in ("upper", "lower")))
-        scale, zero = aq.params_from_range(*LearnableClip.forward(clip, aq.rows(y).float()))  # [k, tokens, 1]
-        stacked = y.unsqueeze(0).expand(len(self.linears), *y.shape)
-        return list(aq.quant_dequant(stacked, scale.reshape(-1, 1), zero.reshape(-1, 1)).unbind())
-
-    def _forward(self, index: int, x: Tensor) -> Tensor:
-        fq = self.linears[index]
-        if not self.share_input:
-            xq = fq.quantize_input(fq.input_transform(x))
-        else:
-            if self._inputs is None or self._inputs[0] is not x:
-                self._inputs = (x, self._quantized_inputs(self.transform(x)))
-            xq = self._inputs[1][index]
-        return F.linear(xq, self.weights[index], fq.bias)
-
-
-class _TrainedBlock:
-    """The block's groups while they train. Per step every linear's weight is transformed (a group's
-    linears at once) and fake-quantized with its learned clipping, all the block's linears of one
-    input width and quantizer together (rows of their weights stacked; not per_tensor, whose one
-    row is the whole weight). The functions of `FakeQuantLinear` with the transform inside, in fewer
-    operators: a training step is launch-bound on a GPU."""
-
-    def __init__(self, groups: list[tuple[KroneckerAffine, list[FakeQuantLinear]]]) -> None:
-        self.groups = [_TrainedGroup(t, fqs) for t, fqs in groups]
-        self.buckets: dict[tuple | None, list[_TrainedGroup]] = {}
-        self.float_weights: dict[int, Tensor] = {}
-        for g in self.groups:
-            fq = g.linears[0]
-            wq = fq.weight_quantizer
-            same = all(m.weight_quantizer == wq and m.weight.dtype == fq.weight.dtype for m in g.linears)
-            key = (wq, fq.in_features, fq.weight.dtype) if same and wq.granularity != "per_tensor" else None
-            self.buckets.setdefault(key, []).append(g)
-            if key is not None:
-                self.float_weights[id(g)] = torch.cat([m.weight.detach() for m in g.linears])
-
-    def __enter__(self) -> _TrainedBlock:
-        for g in self.groups:
-            for index, fq in enumerate(g.linears):
-                fq.forward = functools.partial(g._forward, index)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for g in self.groups:
-            for fq in g.linears:
-                del fq.forward
-
-    @contextlib.contextmanager
-    def step(self) -> Iterator[None]:
-        """One training step's forward: the weights are computed on entry, the caches dropped on exit."""
-        for key, groups in self.buckets.items():
-            if key is None:
-                for g in groups:
-                    g.weights = [_clipped_fake_quant(fq.weight_quantizer, g.transform.transform_weight(fq.weight),
-                                                     fq.weight_clip) for fq in g.linears]
-                continue
-            linears = [fq for g in groups for fq in g.linears]
-            weight = torch.cat([g.transform.transform_weight(self.float_weights[id(g)]) for g in groups])
-            clip = _Clip(*(torch.cat([getattr(fq.weight_clip, n) for fq in linears]) for n in ("upper", "lower")))
-            weights = iter(_clipped_fake_quant(key[0], weight, clip).split([fq.out_features for fq in linears]))
-            for g in groups:
-                g.weights = [next(weights) for _ in g.linears]
-        try:
-            yield
-        finally:
-            for g in self.groups:
-                g.weights, g._inputs = [], None
 
 
 @register_method
@@ -230,13 +131,14 @@ class FlatQuant(QuantMethod):
                 f"({flag}); its results are measured in memory (fake quantization): remove save.{flag}")
 
     def extra_device_bytes(self, model: nn.Module, adapter: ModelAdapter, calib_tokens: int) -> int:
-        """The float block's outputs (a copy when not shared with the pipeline's) and float32 copies of
-        a block's weights for the transformed, quantized and clipped weights of the training step."""
+        """The float block's outputs (a copy when not shared with the pipeline's), float32 copies of a
+        block's weights for the transformed, quantized and clipped weights of the training step, and
+        the groups' weights concatenated (`TrainedBlock`)."""
         elem = next(model.parameters()).element_size()
         hidden = model.get_input_embeddings().embedding_dim
         block = adapter.get_blocks(model)[0]
         weights = sum(m.weight.numel() for m in block.modules() if isinstance(m, nn.Linear))
-        return calib_tokens * hidden * elem + 3 * 4 * weights
+        return calib_tokens * hidden * elem + 3 * 4 * weights + elem * weights
 
     def prepare_model(self, mctx: ModelContext) -> None:
         self.seed = mctx.seed
@@ -356,23 +258,23 @@ class FlatQuant(QuantMethod):
         if sp.lac and self.act_quantizer is not None:
             params.append({"params": [p for m in linears for p in m.act_clip.parameters()], "lr": 10 * lr})
         params = [g for g in params if g["params"]]
-        trained = {id(p) for g in params for p in g["params"]}
+        trained_ids = {id(p) for g in params for p in g["params"]}
         steps = sp.epochs * len(ctx.inputs)
         if not params or not steps:
             return []
         for p in ctx.block.parameters():
-            p.requires_grad_(id(p) in trained)
+            p.requires_grad_(id(p) in trained_ids)
         # CUDA: one fused kernel for the whole update (the step is bound by kernel launches there).
         optimizer = torch.optim.AdamW(params, fused=True if ctx.device.type == "cuda" else None)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=lr * 1e-3)
         if sp.warmup:
             warm = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=16)
             schedule = torch.optim.lr_scheduler.ChainedScheduler([warm, schedule])
-        with _TrainedBlock(groups) as trained, torch.enable_grad():
+        with TrainedBlock(groups) as trained, torch.enable_grad():
             return self._epochs(ctx, targets, transforms, trained, optimizer, schedule)
 
     def _epochs(self, ctx: BlockContext, targets: list[Tensor], transforms: list[KroneckerAffine],
-                trained: _TrainedBlock, optimizer: torch.optim.Optimizer,
+                trained: TrainedBlock, optimizer: torch.optim.Optimizer,
                 schedule: torch.optim.lr_scheduler.LRScheduler) -> list[float]:
         sp, losses = self.special, []
         amp = ctx.device.type == "cuda" and not sp.deactive_amp

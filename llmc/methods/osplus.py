@@ -20,7 +20,9 @@ activation quantizers, on the calibration tokens (padding excluded); ties keep t
 The search is coarse to fine: every k-th candidate (k = sqrt(n_grid) / 2, rounded; 5 of 100),
 then every candidate within k of the two best coarse ones, about a third of the grid in all
 (on the tests' outlier models it found the full grid's best in every group; the error is not
-unimodal in t, so one coarse best alone sometimes missed it).
+unimodal in t, so one coarse best alone sometimes missed it). The errors stay on the device until
+each pass ends (no host sync per batch), and the linears reading one input (q, k, v) share its
+quantized input.
 
 Folding keeps the float model unchanged: the producer's output becomes (X - z) / s (a norm's
 weight and bias, a linear producer's rows and bias) and each linear reading X gets W' = W diag(s),
@@ -363,7 +365,7 @@ class OsPlus(QuantMethod):
 def _ranked(errors: Tensor) -> list[int]:
     """Candidate indices by error, ties (and NaN last) in grid order: the larger t first."""
     values = errors.tolist()
-    return sorted(range(len(values)), key=lambda i: (math.inf if math.isnan(values[i]) else values[i], i))
+    return sorted(range(len(values)), key=lambda i: (math.isnan(values[i]), 0.0 if math.isnan(values[i]) else values[i], i))
 
 
 def _head_dim(ctx: BlockContext) -> int | None:

@@ -17,21 +17,31 @@ resume checkpoint stores them for every linear that shares the module) and drops
 `merge_weight` then computes the exact inverse of those float32 buffers in float64. The transform
 always computes in float32, with autocast off.
 
-Training speed (a training step is launch-bound on a GPU for models of SmolLM2's size):
-`training_step(transforms)` computes the matrices and inverses of all the given transforms once
-per step, the factors of one size together in one batched Cayley solve, with the `_ex` solvers
-(no host sync per solve; a singular matrix shows as NaN in the loss); inside it a transform
-applied again to the same input tensor (q, k and v share theirs) returns the same output.
+Training (FlatQuant's, per block) is written for few operators per step, since a step of a model
+of SmolLM2's size is bound by kernel launches on a GPU, not by arithmetic: `training_step(transforms)`
+computes the matrices and inverses of all the block's transforms once per step, the factors of one
+size and form together in one batched solve, with the `_ex` solvers (no host sync per solve; a
+singular matrix shows as NaN in the loss); `TrainedBlock` computes, per step, the transformed and
+fake-quantized weights of all the block's linears of one input width together, and each group's
+transformed and fake-quantized input once for all its linears. These are the functions
+`FakeQuantLinear` computes with the transform as its `input_transform` (same values, the gradients
+up to floating-point order; tests/test_flatquant.py compares them).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from llmc.quant.fake_linear import FakeQuantLinear
+from llmc.quant.observers import LearnableClip
+from llmc.quant.quantizer import IntQuantizer
 
 
 def kron_factors(n: int) -> tuple[int, int]:
@@ -66,7 +76,7 @@ class _Factor(nn.Module):
     def __init__(self, n: int, direct_inv: bool, generator: torch.Generator, device: torch.device | None
                  ) -> None:
         super().__init__()
-        self.direct_inv = direct_inv
+        self.n, self.direct_inv = n, direct_inv
         if direct_inv:
             self.matrix = nn.Parameter(random_orthogonal(n, generator).float().to(device))
             return
@@ -108,8 +118,7 @@ def training_step(transforms: list[KroneckerAffine]) -> Iterator[None]:
     by_kind: dict[tuple[int, bool], list[_Factor]] = {}
     for t in transforms:
         for f in t.factors:
-            by_kind.setdefault((f.singular.shape[0] if not f.direct_inv else f.matrix.shape[0], f.direct_inv),
-                               []).append(f)
+            by_kind.setdefault((f.n, f.direct_inv), []).append(f)
     computed: dict[int, tuple[Tensor, Tensor]] = {}
     with torch.autocast(next(transforms[0].parameters()).device.type, enabled=False):
         for factors in by_kind.values():
@@ -117,13 +126,12 @@ def training_step(transforms: list[KroneckerAffine]) -> Iterator[None]:
                 computed[id(f)] = (m, m_it)
     for t in transforms:
         (left, left_it), (right, right_it) = (computed[id(f)] for f in t.factors)
-        t.__dict__["_step_cache"] = [(left, right, left_it, right_it)]
-        t.__dict__["_step_io"] = None
+        t.__dict__["_step_cache"] = (left, right, left_it, right_it)
     try:
         yield
     finally:
         for t in transforms:
-            t.__dict__["_step_cache"] = t.__dict__["_step_io"] = None
+            t.__dict__["_step_cache"] = None
 
 
 class KroneckerAffine(nn.Module):
@@ -167,28 +175,22 @@ class KroneckerAffine(nn.Module):
 
     def _matrices(self, inverse: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         cache = self.__dict__.get("_step_cache")
-        if cache:
-            return cache[0]
+        if cache is not None:
+            return cache
         (left, left_it), (right, right_it) = (f.matrix_and_inverse_t(inverse) for f in self.factors)
         return left, right, left_it, right_it
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.is_frozen:
-            with _float32(x):
-                y = x.float() * self.scale if self.scale is not None else x.float()
-                return kron_matmul(y, self.left, self.right).to(x.dtype)
-        last = self.__dict__.get("_step_io")
-        if last is not None and last[0] is x:
-            return last[1]
         with _float32(x):
             y = x.float()
+            if self.is_frozen:
+                if self.scale is not None:
+                    y = y * self.scale
+                return kron_matmul(y, self.left, self.right).to(x.dtype)
             if self.diag_scale is not None:
                 y = y * self.diag_scale
             left, right, _, _ = self._matrices(inverse=False)
-            y = kron_matmul(y, left, right).to(x.dtype)
-        if self.__dict__.get("_step_cache"):
-            self.__dict__["_step_io"] = (x, y)
-        return y
+            return kron_matmul(y, left, right).to(x.dtype)
 
     def transform_weight(self, weight: Tensor) -> Tensor:
         """`W diag(1/d) P^{-T}` while training (float32, differentiable), in the weight's dtype."""
@@ -228,3 +230,111 @@ class KroneckerAffine(nn.Module):
         n1, n2 = kron_factors(self.features)
         diag = (self.scale if self.is_frozen else self.diag_scale) is not None
         return f"features={self.features} ({n1} x {n2}), diag={diag}, frozen={self.is_frozen}"
+
+
+# ---- training a block's transformed linears (FlatQuant) ------------------------------------------
+
+
+class _Clip:
+    """Logits laid out as a `LearnableClip`'s, for its formula applied to several clips at once."""
+
+    def __init__(self, upper: Tensor, lower: Tensor) -> None:
+        self.upper, self.lower = upper, lower
+
+
+def _clipped_fake_quant(quantizer: IntQuantizer, x: Tensor, clip: _Clip | LearnableClip) -> Tensor:
+    """`x` fake-quantized with the learned clipping of its rows' ranges (`FakeQuantLinear.fake_weight`)."""
+    scale, zero = quantizer.params_from_range(*LearnableClip.forward(clip, quantizer.rows(x).float()))
+    return quantizer.quant_dequant(x, scale, zero)
+
+
+class _TrainedGroup:
+    """A group of linears sharing one transform, while it trains: per step, its input is transformed
+    and fake-quantized once for all its linears (their clippings stacked, per_token), and each
+    linear's forward (`_forward`) picks its share and its weight of the step (`TrainedBlock`)."""
+
+    def __init__(self, transform: KroneckerAffine, linears: list[FakeQuantLinear]) -> None:
+        self.transform, self.linears = transform, linears
+        aq = linears[0].act_quantizer
+        self.share_input = all(fq.input_transform is transform and fq.act_quantizer == aq for fq in linears)
+        self.stack_acts = (self.share_input and aq is not None and aq.granularity == "per_token"
+                           and all(fq.act_clip is not None for fq in linears))
+        self.weights: list[Tensor] = []
+        self._inputs: tuple[Tensor, list[Tensor]] | None = None
+
+    def _quantized_inputs(self, y: Tensor) -> list[Tensor]:
+        if not self.stack_acts:
+            if all(m.act_clip is None for m in self.linears):  # the same for all
+                return [self.linears[0].quantize_input(y)] * len(self.linears)
+            return [m.quantize_input(y) for m in self.linears]
+        aq = self.linears[0].act_quantizer
+        clip = _Clip(*(torch.stack([getattr(m.act_clip, n) for m in self.linears]) for n in ("upper", "lower")))
+        scale, zero = aq.params_from_range(*LearnableClip.forward(clip, aq.rows(y).float()))  # [k, tokens, 1]
+        stacked = y.unsqueeze(0).expand(len(self.linears), *y.shape)
+        return list(aq.quant_dequant(stacked, scale.reshape(-1, 1), zero.reshape(-1, 1)).unbind())
+
+    def _forward(self, index: int, x: Tensor) -> Tensor:
+        fq = self.linears[index]
+        if not self.share_input:
+            xq = fq.quantize_input(fq.input_transform(x))
+        else:
+            if self._inputs is None or self._inputs[0] is not x:
+                self._inputs = (x, self._quantized_inputs(self.transform(x)))
+            xq = self._inputs[1][index]
+        return F.linear(xq, self.weights[index], fq.bias)
+
+
+class TrainedBlock:
+    """The block's groups while they train. Per step every linear's weight is transformed (a group's
+    linears at once) and fake-quantized with its learned clipping, all the block's linears of one
+    input width and quantizer together (rows of their weights stacked; not per_tensor, whose one
+    row is the whole weight). The functions of `FakeQuantLinear` with the transform inside, in fewer
+    operators: a training step is launch-bound on a GPU."""
+
+    def __init__(self, groups: list[tuple[KroneckerAffine, list[FakeQuantLinear]]]) -> None:
+        self.groups = [_TrainedGroup(t, fqs) for t, fqs in groups]
+        self.buckets: dict[tuple | None, list[_TrainedGroup]] = {}
+        self.float_weights: dict[int, Tensor] = {}
+        for g in self.groups:
+            fq = g.linears[0]
+            wq = fq.weight_quantizer
+            same = all(m.weight_quantizer == wq and m.weight.dtype == fq.weight.dtype for m in g.linears)
+            key = (wq, fq.in_features, fq.weight.dtype) if same and wq.granularity != "per_tensor" else None
+            self.buckets.setdefault(key, []).append(g)
+            if key is not None:
+                self.float_weights[id(g)] = torch.cat([m.weight.detach() for m in g.linears])
+
+    def __enter__(self) -> TrainedBlock:
+        for g in self.groups:
+            for index, fq in enumerate(g.linears):
+                fq.forward = functools.partial(g._forward, index)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for g in self.groups:
+            for fq in g.linears:
+                del fq.forward
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """One training step's forward: the weights are computed on entry, the caches dropped on exit."""
+        self._step_weights()
+        try:
+            yield
+        finally:
+            for g in self.groups:
+                g.weights, g._inputs = [], None
+
+    def _step_weights(self) -> None:
+        for key, groups in self.buckets.items():
+            if key is None:
+                for g in groups:
+                    g.weights = [_clipped_fake_quant(fq.weight_quantizer, g.transform.transform_weight(fq.weight),
+                                                     fq.weight_clip) for fq in g.linears]
+                continue
+            linears = [fq for g in groups for fq in g.linears]
+            weight = torch.cat([g.transform.transform_weight(self.float_weights[id(g)]) for g in groups])
+            clip = _Clip(*(torch.cat([getattr(fq.weight_clip, n) for fq in linears]) for n in ("upper", "lower")))
+            weights = iter(_clipped_fake_quant(key[0], weight, clip).split([fq.out_features for fq in linears]))
+            for g in groups:
+                g.weights = [next(weights) for _ in g.linears]
