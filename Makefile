@@ -38,8 +38,10 @@ $(VENV)/.installed: pyproject.toml Makefile | $(PY)
 quickstart: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/llmc run configs/quickstart.yml
 
+# Two workers (pytest-xdist), one test file each at a time: the tiny-model tests run on one thread
+# (tests/conftest.py), so a second worker uses the second core.
 test: setup
-	HF_HUB_OFFLINE=1 LLMC_REQUIRE_REAL_MODEL=1 $(PY) -m pytest -q -p no:cacheprovider
+	HF_HUB_OFFLINE=1 LLMC_REQUIRE_REAL_MODEL=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check llmc tests
