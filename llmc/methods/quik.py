@@ -1,0 +1,78 @@
+"""QUIK: the outlier input features in FP16, every other feature int4 in weights and activations.
+
+Ashkboos et al., 2023, "QUIK: Towards End-to-End 4-Bit Inference on Generative Large Language
+Models", arXiv:2310.09259 (Section 3). Per linear, the `fp_features` input features with the
+largest activations over the calibration set are kept in float, weights and activations
+(`llmc.quant.outliers.OutlierColumnLinear`); the rest of the weight is quantized per output row and
+the rest of the input per token (`quant.weight.granularity: per_channel`,
+`quant.act.granularity: per_token`, 4 bits in the paper).
+
+Here the features are ranked by their mean squared activation (the squared norm of the feature
+over the real calibration tokens, from one forward of the float block), the same columns for the
+linears of a group that share an input. Differences from the paper: the remaining weights are
+rounded to nearest (the paper runs GPTQ on them); down_proj's int8 option (`int8_down_proj`) is
+not implemented. The layers with float columns cannot be exported to a real-quantized format, nor as
+dense fake weights when activations are quantized (refused before calibration).
+
+Config keys (the QUIK reference code's and ModelTC/llmc's names): `quant.weight.*`, `quant.act.*`,
+and `quant.special`:
+  fp_features (256, >= 0): input features kept in float per linear (at most all of them).
+  fp_relative (false): scale fp_features by the linear's input width over the hidden size (the
+    width of the block's first group's input), so down_proj keeps proportionally more.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from llmc.config.schema import QuantSection
+from llmc.methods.base import QuantMethod, register_method
+from llmc.pipeline.blockwise import BlockContext
+from llmc.quant.outliers import outlier_export_refusal, require_final, wrap_by_group
+
+log = logging.getLogger("llmc")
+
+
+class QuikSpecial(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    fp_features: int = Field(256, ge=0, description="Input features kept in float per linear.")
+    fp_relative: bool = Field(False, description="Scale fp_features by the input width over the hidden size.")
+
+
+def top_features(meansq: Tensor, count: int) -> Tensor:
+    """The indices of the `count` features with the largest mean squared activation."""
+    count = min(count, meansq.numel())
+    if not count:
+        return torch.empty(0, dtype=torch.long, device=meansq.device)
+    return meansq.topk(count).indices.sort().values
+
+
+@register_method
+class QUIK(QuantMethod):
+    name = "QUIK"
+    Special = QuikSpecial
+    needs_calibration = True
+
+    def __init__(self, quant: QuantSection, special: dict | None = None, final: bool = True) -> None:
+        super().__init__(quant, special, final)
+        require_final(self)
+
+    def export_refusal(self, save_flags: list[str]) -> str | None:
+        return outlier_export_refusal(self.name, save_flags, self.quant.act is not None)
+
+    def process_block(self, ctx: BlockContext) -> None:
+        sp = self.special
+        groups = ctx.groups()
+        hidden = next(iter(groups[0][1].values())).in_features if groups else 1
+
+        def choose(absmax: Tensor, meansq: Tensor, module: nn.Module) -> Tensor:
+            count = round(sp.fp_features * meansq.numel() / hidden) if sp.fp_relative else sp.fp_features
+            return top_features(meansq, count)
+
+        counts = wrap_by_group(self, ctx, choose)
+        log.info("QUIK block %d: %d float input columns over %d linears", ctx.index, sum(counts.values()), len(counts))
