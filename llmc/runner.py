@@ -61,6 +61,8 @@ class RunResult:
     """Summaries of the sparse methods (sparsity reached, removed blocks) for results.json."""
     resumed_after_block: int | None = None
     """The last block a resumed run found finished in its checkpoint (-1: only the statistics pass)."""
+    method_results: dict = field(default_factory=dict)
+    """What methods report at the model-level steps (QuaRot's rotation, the mixed-precision assignment)."""
 
     def ppl(self, position: str, dataset: str | None = None) -> float:
         for r in self.perplexity:
@@ -153,7 +155,8 @@ def compress(
         checkpoint.perplexity = [r.as_dict() for r in result.perplexity]
     if methods:
         start = time.perf_counter()
-        compress_model(cfg, loaded, methods, device, calib_docs, progress, checkpoint, resume_state)
+        pipeline = compress_model(cfg, loaded, methods, device, calib_docs, progress, checkpoint, resume_state)
+        result.method_results = dict(getattr(pipeline, "results", {}) or {})
         timings["quantize_s"] = time.perf_counter() - start
         if checkpoint is not None:
             timings["checkpoint_s"] = checkpoint.write_seconds
@@ -173,6 +176,12 @@ def compress(
 def check_export_refusals(cfg: LlmcConfig, methods: list[CompressionMethod]) -> None:
     """Refuse, before anything is loaded, outputs a method's result cannot be written as (`export_refusal`)."""
     flags = [f for f in SAVE_FLAGS if getattr(cfg.save, f)]
+    packed = [f for f in flags if f not in ("save_trans", "save_fake")]
+    if packed and cfg.quant is not None and (cfg.quant.overrides or cfg.quant.auto_scheme is not None):
+        raise ConfigError(
+            f"quant.overrides / quant.auto_scheme give modules different schemes, and save.{packed[0]} writes one "
+            f"scheme per model here; remove save.{packed[0]} (save_fake writes the mixed model's dense weights)"
+        )
     for method in methods:
         reason = method.export_refusal(flags) if flags and isinstance(method, QuantMethod) else None
         if reason:
@@ -240,6 +249,7 @@ def results_dict(result: RunResult, device: torch.device) -> dict:
         "calib_seed": result.config.calib_seed if result.config.calib else None,
         "timings_s": result.timings,
         "sparse": result.methods,
+        "methods": result.method_results,
         "resumed_after_block": result.resumed_after_block,
         "moe_routing": moe_routing(result.model),
         "environment": {

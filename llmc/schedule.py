@@ -15,7 +15,7 @@ from torch import nn
 
 from llmc.config.loader import check_ignored_layers
 from llmc.config.schema import IgnoredLayers, LlmcConfig
-from llmc.errors import ModelError
+from llmc.errors import ConfigError, ModelError
 from llmc.faults import kill_point
 from llmc.finite import check_block_weights
 from llmc.methods import QuantMethod, get_methods
@@ -26,6 +26,7 @@ from llmc.models import ModelAdapter
 from llmc.pipeline import BlockContext, BlockwisePipeline, capture_block_inputs
 from llmc.pipeline.checkpoint import RunCheckpoint, Wrap
 from llmc.pipeline.planner import check_fits, plan_memory
+from llmc.quant.schemes import check_overrides, is_float, scheme_for
 
 log = logging.getLogger("llmc")
 
@@ -36,7 +37,11 @@ def build_methods(cfg: LlmcConfig) -> list[CompressionMethod]:
     if cfg.quant is not None:
         methods.extend(get_methods(cfg.quant))
     # SparseGPT's joint mode (sparse.special.joint_quant) quantizes the quant section's targets itself.
-    join_quant(methods, lambda ctx: block_targets(cfg.quant.ignored_layers, ctx.adapter, ctx.block, ctx.index))
+    join_quant(methods, lambda ctx: quant_targets(cfg, ctx.adapter, ctx.block, ctx.index))
+    final = quantizing_method(methods)
+    if final is not None and final.per_module and any(getattr(m, "joint", None) is not None for m in methods):
+        raise ConfigError("sparse.special.joint_quant rounds every linear to quant.weight's grid; remove "
+                          "quant.overrides / quant.auto_scheme, or drop joint_quant")
     return methods
 
 
@@ -44,8 +49,14 @@ def method_targets(cfg: LlmcConfig, method: CompressionMethod, adapter: ModelAda
                    index: int) -> list[str]:
     if isinstance(method, SparseMethod):
         return block_targets(cfg.sparse.ignored_layers, adapter, block, index)
-    names = block_targets(cfg.quant.ignored_layers, adapter, block, index)
+    names = quant_targets(cfg, adapter, block, index)
     return [n for n in names if not is_joint_quantized(block.get_submodule(n))]  # done by SparseGPT's joint mode
+
+
+def quant_targets(cfg: LlmcConfig, adapter: ModelAdapter, block: nn.Module, index: int) -> list[str]:
+    """The quant section's targets: `block_targets` less the linears an override leaves in float."""
+    names = block_targets(cfg.quant.ignored_layers, adapter, block, index)
+    return [n for n in names if not is_float(cfg.quant, adapter, block, index, n)]
 
 
 def block_targets(ignored: IgnoredLayers, adapter: ModelAdapter, block: nn.Module, index: int) -> list[str]:
@@ -76,6 +87,7 @@ def resolve_block_out(cfg: LlmcConfig, methods: list[CompressionMethod]) -> bool
 def check_methods(cfg: LlmcConfig, methods: list[CompressionMethod], model: nn.Module, adapter: ModelAdapter) -> None:
     """Checks a method can make from the loaded model's shapes, before any calibration."""
     check_ignored_layers(cfg, model, adapter)  # ignored_layers names that match nothing in the model
+    check_overrides(cfg.quant, model, adapter)  # quant.overrides entries that match nothing
     blocks = adapter.get_blocks(model)
     for method in methods:
         if isinstance(method, SparseMethod):
@@ -87,12 +99,15 @@ def check_methods(cfg: LlmcConfig, methods: list[CompressionMethod], model: nn.M
 
 
 def check_group_size(cfg: LlmcConfig, model: nn.Module, adapter: ModelAdapter) -> None:
-    w = cfg.quant.weight
-    if w.granularity != "per_group" or w.partial_group:
+    """Each target's own scheme (with `quant.overrides`) has groups that divide its input features."""
+    if not cfg.quant.overrides and (cfg.quant.weight.granularity != "per_group" or cfg.quant.weight.partial_group):
         return
     blocks = adapter.get_blocks(model)
     for index in range(len(blocks)):
-        for name in block_targets(cfg.quant.ignored_layers, adapter, blocks[index], index):
+        for name in quant_targets(cfg, adapter, blocks[index], index):
+            w = scheme_for(cfg.quant, adapter, blocks[index], index, name).weight
+            if w.granularity != "per_group" or w.partial_group:
+                continue
             features = blocks[index].get_submodule(name).in_features
             if features % w.group_size:
                 divisors = [d for d in (32, 64, 128, 256) if features % d == 0]
@@ -126,6 +141,8 @@ def compress_batches(
     (a checkpoint's state) the finished blocks are restored and the loop goes on after them."""
     mctx = ModelContext(model, adapter, device=device, seed=cfg.base.seed)
     for method in methods:
+        if isinstance(method, QuantMethod):
+            method.bind_model(model, adapter)
         method.prepare_model(mctx)
     blocks = adapter.get_blocks(model)
     ids = [b["input_ids"] for b in batches or []]
@@ -153,6 +170,9 @@ def compress_batches(
     first = 0
     if resume is not None:
         wrap = restore_wrap(methods)
+        for method, state in zip(methods, resume["methods"]):  # restored linears need quant.auto_scheme's bits
+            if isinstance(method, QuantMethod):
+                method.load_checkpoint_state(state)
         inputs = pipeline.replay(inputs, resume["done"], lambda i: checkpoint.restore_block(i, blocks[i], wrap))
         checkpoint.restore_methods(resume, methods)
         first = resume["done"] + 1
@@ -164,6 +184,9 @@ def compress_batches(
                 method.collect_block(ctx)
 
         BlockwisePipeline(model, adapter, device, progress=progress, desc="statistics").run(inputs, collect)
+        for method in collectors:
+            if isinstance(method, QuantMethod):
+                method.solve_auto_scheme()  # quant.auto_scheme: bits per linear, before any block changes
         if checkpoint is not None:
             checkpoint.save_block(-1, None, methods)
 
@@ -195,6 +218,10 @@ def compress_batches(
         checkpoint.wait()
     for method in methods:
         method.finish_model(mctx)
+    final = quantizing_method(methods)
+    if final is not None and final.mixed_precision:
+        mctx.results["mixed_precision"] = final.mixed_precision
+    pipeline.results = mctx.results  # entries for results.json
     seconds = pipeline.block_seconds
     log.info("processed %d blocks in %.1f s (%.2f s per block)", len(seconds), sum(seconds),
              sum(seconds) / max(1, len(seconds)))

@@ -388,6 +388,63 @@ class IgnoredLayers(Section):
         return out
 
 
+MODULE_ROLES = ("attn_in", "attn_out", "mlp_in", "mlp_out")
+"""Adapter roles (`llmc.models.adapter.BlockRoles`) a `quant.overrides` entry may select linears by."""
+
+
+class SchemeOverride(Section):
+    """One `quant.overrides` entry: the linears it selects (every selector given must match) and their scheme."""
+
+    regex: str | None = Field(None, description="Python regex matched in full against the block-relative linear "
+                              "name (mlp.down_proj) or the full name (model.layers.3.mlp.down_proj).")
+    role: Literal["attn_in", "attn_out", "mlp_in", "mlp_out"] | None = Field(
+        None, description="The adapter's role of the linears: attn_in (q/k/v), attn_out (o), mlp_in (gate/up), mlp_out (down).")
+    blocks: list[Annotated[int | str, BeforeValidator(_no_bool), AfterValidator(_check_block_id)]] | None = Field(
+        None, description="Block ids the entry applies to: 0, '3-5' (default: every block).")
+    weight: dict[str, Any] | None = Field(None, description="quant.weight keys merged over quant.weight (bit, "
+                                          "group_size, granularity, symmetric, quant_type...).")
+    act: dict[str, Any] | None = Field(None, description="quant.act keys merged over quant.act (or its defaults).")
+    do_quant: bool = Field(True, description="false: leave the selected linears in float (llmc's mix_bits key).")
+
+    def block_set(self) -> set[int] | None:
+        return None if self.blocks is None else IgnoredLayers(block_ids=self.blocks).blocks()
+
+    @model_validator(mode="after")
+    def _selects(self) -> SchemeOverride:
+        import re
+
+        if self.regex is None and self.role is None and self.blocks is None:
+            raise ValueError("an override selects nothing; give regex, role and/or blocks")
+        if self.do_quant and self.weight is None and self.act is None:
+            raise ValueError("an override changes nothing; give weight and/or act keys, or do_quant: false")
+        if not self.do_quant and (self.weight is not None or self.act is not None):
+            raise ValueError("do_quant: false leaves the linears in float; remove its weight/act keys")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex {self.regex!r} does not compile ({exc}); fix the pattern") from None
+        return self
+
+
+class AutoScheme(Section):
+    """Automatic weight bit widths per linear under a bits-per-weight budget (`llmc.quant.schemes`)."""
+
+    bits_per_weight: float = Field(..., gt=0, description="Budget: parameter-weighted mean of the weight code bits "
+                                   "over the assigned linears (group scales and zeros not counted).")
+    bits: list[Annotated[int, Field(ge=2, le=8)]] = Field(
+        default_factory=lambda: [3, 4], description="Candidate integer bit widths, e.g. [3, 4].")
+
+    @model_validator(mode="after")
+    def _budget(self) -> AutoScheme:
+        if not self.bits:
+            raise ValueError("bits is empty; list the candidate bit widths, e.g. [3, 4]")
+        if self.bits_per_weight < min(self.bits):
+            raise ValueError(f"bits_per_weight {self.bits_per_weight} is below the smallest candidate "
+                             f"{min(self.bits)}; raise it or add a smaller bit width to bits")
+        return self
+
+
 class QuantSection(Section):
     """The compression method and its quantization settings."""
 
@@ -406,6 +463,12 @@ class QuantSection(Section):
         "and llm-compressor), else false.",
     )
     ignored_layers: IgnoredLayers = Field(default_factory=IgnoredLayers)
+    overrides: list[SchemeOverride] = Field(
+        default_factory=list, description="Per-linear schemes (mixed precision), applied in order over "
+        "quant.weight/act: each entry selects by regex, role and/or blocks (see llmc/quant/schemes.py).")
+    auto_scheme: AutoScheme | None = Field(
+        None, description="Choose each linear's weight bits from measured sensitivity under a bits-per-weight "
+        "budget: {bits_per_weight: 3.5, bits: [3, 4]}; linears an override sets bits for keep them.")
 
     @property
     def methods(self) -> list[str]:
@@ -415,6 +478,9 @@ class QuantSection(Section):
     def _methods(self) -> QuantSection:
         if not self.methods:
             raise ValueError("quant.method is an empty list; name at least one method, e.g. RTN")
+        from llmc.quant.schemes import check_override_schemes
+
+        check_override_schemes(self)
         return self
 
 

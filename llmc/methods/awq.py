@@ -78,6 +78,7 @@ class AWQSpecial(BaseModel):
 class AWQ(QuantMethod):
     name = "AWQ"
     Special = AWQSpecial
+    module_schemes = True
     clip_grid = 20
     clip_max_shrink = 0.5
     clip_tokens = 512
@@ -128,8 +129,9 @@ class AWQ(QuantMethod):
                 if record.x_mean is not None:  # None: no token reached the group (an MoE expert never routed to)
                     self._scale_group(ctx, group, mods, prev, record)
             del records
-        if sp.weight_clip and self.weight_quantizer.granularity != "per_tensor":
-            clipped = [(g, {n: m for n, m in mods.items() if isinstance(m, nn.Linear)}) for g, mods in ctx.groups()]
+        if sp.weight_clip:
+            clipped = [(g, {n: m for n, m in mods.items() if isinstance(m, nn.Linear)
+                            and self.quantizers_for(ctx, n)[0].granularity != "per_tensor"}) for g, mods in ctx.groups()]
             clipped = [(g, mods) for g, mods in clipped if mods]
             # Inputs re-recorded once, after every scale is folded.
             records = _record(ctx, [(g.inspect, mods) for g, mods in clipped], searched, self.clip_tokens)
@@ -170,9 +172,10 @@ class AWQ(QuantMethod):
         calls, masks, x_mean = record.calls, record.masks, record.x_mean
         module = ctx.block.get_submodule(inspect)
         linears = list(mods.values())
+        quantizers = [self.quantizers_for(ctx, n)[0] for n in mods]
         originals = [m.weight.detach().clone() for m in linears]
         floats = [w.to(ctx.device, torch.float32) for w in originals]
-        w_mean = self._weight_mean(originals, ctx.device) if self.special.trans_version == "v1" else None
+        w_mean = self._weight_mean(originals, quantizers, ctx.device) if self.special.trans_version == "v1" else None
         producer_out = producer_channels(prev)
         head_dim = _head_dim(ctx)
 
@@ -189,8 +192,8 @@ class AWQ(QuantMethod):
         best_err, best_s = math.inf, None
         for i in range(self.special.n_grid):
             s = candidate(i / self.special.n_grid)
-            for m, wf in zip(linears, floats):
-                m.weight.copy_(self.weight_quantizer.fake_quant(wf * s).div_(s))
+            for m, wf, q in zip(linears, floats, quantizers):
+                m.weight.copy_(q.fake_quant(wf * s).div_(s))
             err = _output_error(module, calls, masks)
             if err < best_err:
                 best_err, best_s = err, s
@@ -200,12 +203,16 @@ class AWQ(QuantMethod):
         if best_s is not None:
             fold_scales(prev, linears + ctx.readers(group), best_s, head_dim)
 
-    def _weight_mean(self, weights: list[Tensor], device: torch.device) -> Tensor:
-        """Mean over output rows of |W| normalized by its quantization group's max |W|."""
-        w = torch.cat([t.to(device, torch.float32) for t in weights])
-        rows = self.weight_quantizer.rows(w).abs()
-        rows = rows / (rows.amax(dim=1, keepdim=True) + 1e-6)
-        return self.weight_quantizer.unrows(rows, w.shape).mean(dim=0)
+    def _weight_mean(self, weights: list[Tensor], quantizers: list, device: torch.device) -> Tensor:
+        """Mean over output rows of |W| normalized by its quantization group's max |W| (each linear's own groups)."""
+        total, n_rows = 0, 0
+        for t, q in zip(weights, quantizers):
+            w = t.to(device, torch.float32)
+            rows = q.rows(w).abs()
+            rows = rows / (rows.amax(dim=1, keepdim=True) + 1e-6)
+            total = total + q.unrows(rows, w.shape).sum(dim=0)
+            n_rows += w.shape[0]
+        return total / n_rows
 
     # ---- weight clipping ---------------------------------------------------------------
 
@@ -214,12 +221,13 @@ class AWQ(QuantMethod):
         module = ctx.block.get_submodule(inspect)
         floats = {n: m.weight.detach().to(ctx.device, torch.float32).clone() for n, m in mods.items()}
         dtype = next(iter(mods.values())).weight.dtype
-        fq = self.weight_quantizer.fake_quant
+        quantizers = {n: self.quantizers_for(ctx, n)[0] for n in mods}
         for n, m in mods.items():
-            m.weight.copy_(fq(floats[n]).to(dtype))
+            m.weight.copy_(quantizers[n].fake_quant(floats[n]).to(dtype))
         best = _output_error(module, calls, masks)
         for n, m in mods.items():
-            clipped = self._clip_weight(floats[n], sample)
+            fq = quantizers[n].fake_quant
+            clipped = self._clip_weight(floats[n], sample, quantizers[n])
             m.weight.copy_(fq(clipped).to(dtype))
             err = _output_error(module, calls, masks)
             if err < best:
@@ -229,9 +237,9 @@ class AWQ(QuantMethod):
         for n, m in mods.items():
             m.weight.copy_(floats[n].to(dtype))
 
-    def _clip_weight(self, w: Tensor, x: Tensor) -> Tensor:
-        """Clamp each quantization group of `w` [out, in] to the range with the least output error on `x`."""
-        q = self.weight_quantizer
+    def _clip_weight(self, w: Tensor, x: Tensor, q) -> Tensor:
+        """Clamp each quantization group of `w` [out, in] to the range with the least output error on `x`
+        (groups of `q`, the linear's weight quantizer)."""
         out_features, in_features = w.shape
         rows = q.rows(w)  # [out * groups, group] (per_group) or [out, in] (per_channel)
         size = rows.shape[1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 from typing import ClassVar
 
+import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
@@ -18,9 +19,11 @@ from llmc.config.schema import ActQuantSection, QuantSection, WeightQuantSection
 from llmc.errors import ConfigError
 from llmc.methods.lifecycle import CompressionMethod
 from llmc.pipeline.blockwise import BlockContext
+from llmc.pipeline.checkpoint import decode_state, encode_state
 from llmc.quant.fake_linear import FakeQuantLinear
 from llmc.quant.microscaling import NVFP4Quantizer, tie_global_scale
 from llmc.quant.registry import Quantizer, build_quantizer
+from llmc.quant.schemes import Scheme, auto_assignable, rtn_errors, scheme_for, solve_auto_scheme
 
 METHODS: dict[str, type[QuantMethod]] = {}
 
@@ -44,6 +47,8 @@ class QuantMethod(CompressionMethod):
     """Whether the method tunes a block after it is quantized (NormTweaking): placed after the quantizing
     method of a composition (`method: [GPTQ, NormTweaking]`), it leaves the quantization to that method;
     alone, it quantizes (RTN) and then tunes."""
+    module_schemes: ClassVar[bool] = False
+    """Whether the method quantizes each linear with its own scheme (`quant.overrides`, `quant.auto_scheme`)."""
 
     def __init__(self, quant: QuantSection, special: dict | None = None, final: bool = True) -> None:
         self.quant = quant
@@ -58,6 +63,8 @@ class QuantMethod(CompressionMethod):
                 f"{self.name}: {explain_validation_error(exc, root=self.Special, prefix='quant.special.')}"
             ) from None
         floats_used = [s.quant_type for s in (quant.weight, quant.act) if s is not None and s.quant_type != "int-quant"]
+        floats_used += [p["quant_type"] for o in quant.overrides for p in (o.weight, o.act)
+                        if p and p.get("quant_type", "int-quant") != "int-quant"]
         if floats_used and not self.float_quant:
             floats = ", ".join(sorted(c.name for c in set(METHODS.values()) if c.float_quant))
             kind = " (FP8)" if floats_used[0] == "float-quant" else ""
@@ -70,8 +77,19 @@ class QuantMethod(CompressionMethod):
                 f"quant.weight.calib_algo learnable needs a method that trains the clipping ({trainers}); "
                 f"{self.name} does not: use minmax, mse or percentile"
             )
+        if (quant.overrides or quant.auto_scheme) and final and not self.module_schemes:
+            mixed = ", ".join(sorted(c.name for c in set(METHODS.values()) if c.module_schemes))
+            raise ConfigError(f"quant.overrides / quant.auto_scheme: {self.name} quantizes every linear with one "
+                              f"scheme; use {mixed}, or remove them")
         self.weight_quantizer = build_weight_quantizer(quant.weight)
         self.act_quantizer = build_act_quantizer(quant.act) if quant.act is not None else None
+        self.mixed_precision: dict = {}
+        """The automatic assignment (`quant.auto_scheme`): bits per full linear name and what led to it."""
+        self._sensitivity: dict[str, dict[str, float]] = {}
+        self._params: dict[str, int] = {}
+        self._block_index: dict[int, int] = {}
+        self._adapter = None
+        self._quantizers: dict[tuple, tuple[Quantizer, Quantizer | None]] = {}
 
     @property
     def arbitrary_group_order(self) -> bool:
@@ -80,7 +98,75 @@ class QuantMethod(CompressionMethod):
 
     @property
     def uses_calibration(self) -> bool:
-        return self.needs_calibration or (self.quant.act is not None and self.quant.act.static)
+        return (self.needs_calibration or (self.quant.act is not None and self.quant.act.static)
+                or (self.final and self.quant.auto_scheme is not None))
+
+    # ---- per-linear schemes (llmc.quant.schemes) ----------------------------------------------
+
+    @property
+    def per_module(self) -> bool:
+        return bool(self.quant.overrides or self.quant.auto_scheme)
+
+    def bind_model(self, model: nn.Module, adapter) -> None:
+        """Know the model's blocks, so a resumed run's `restore_linear(block, ...)` finds each block's schemes."""
+        self._block_index = {id(b): i for i, b in enumerate(adapter.get_blocks(model))}
+        self._adapter = adapter
+
+    def scheme(self, adapter, block: nn.Module, index: int, name: str) -> Scheme:
+        return scheme_for(self.quant, adapter, block, index, name, self.mixed_precision.get("bits"))
+
+    def quantizers_for(self, ctx: BlockContext, name: str) -> tuple[Quantizer, Quantizer | None]:
+        """Block linear `name`'s own (weight, act) quantizers: the config's, with overrides and the
+        automatic bit width applied."""
+        return self._quantizers_of(ctx.adapter, ctx.block, ctx.index, name)
+
+    def _quantizers_of(self, adapter, block: nn.Module, index: int, name: str) -> tuple[Quantizer, Quantizer | None]:
+        if not self.per_module:
+            return self.weight_quantizer, self.act_quantizer
+        s = self.scheme(adapter, block, index, name)
+        key = (s.weight.model_dump_json(), s.act.model_dump_json() if s.act is not None else None)
+        if key not in self._quantizers:
+            self._quantizers[key] = (build_weight_quantizer(s.weight),
+                                     build_act_quantizer(s.act) if s.act is not None else None)
+        return self._quantizers[key]
+
+    @property
+    def wants_statistics_pass(self) -> bool:
+        return self.final and self.quant.auto_scheme is not None
+
+    @torch.no_grad()
+    def collect_block(self, ctx: BlockContext) -> None:
+        """auto_scheme: each assignable target's RTN error at every candidate bit width."""
+        from llmc.methods.sparse_base import input_sq_sums
+
+        names = [n for n in ctx.targets if auto_assignable(self.quant, ctx.adapter, ctx.block, ctx.index, n)]
+        if not names:
+            return
+        sums = input_sq_sums(ctx, names)
+        for name in names:
+            s = scheme_for(self.quant, ctx.adapter, ctx.block, ctx.index, name)
+            weight = ctx.block.get_submodule(name).weight.to(ctx.device)
+            full = f"{ctx.adapter.blocks}.{ctx.index}.{name}"
+            self._sensitivity[full] = rtn_errors(weight, sums.get(name), s.weight, self.quant.auto_scheme.bits)
+            self._params[full] = weight.numel()
+
+    def solve_auto_scheme(self) -> None:
+        """After the statistics pass: choose the bits per linear (recorded in `mixed_precision`)."""
+        if self.quant.auto_scheme is not None and self._params:
+            self.mixed_precision = solve_auto_scheme(self.quant, self._params, self._sensitivity)
+            self._quantizers.clear()
+
+    def checkpoint_state(self) -> dict:
+        state = super().checkpoint_state()
+        if self.mixed_precision:
+            state["mixed_precision"] = encode_state(self.mixed_precision)
+        return state
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        super().load_checkpoint_state(state)
+        if "mixed_precision" in state:
+            self.mixed_precision = decode_state(state["mixed_precision"])
+            self._quantizers.clear()
 
     def export_refusal(self, save_flags: list[str]) -> str | None:
         """Why this method's result cannot be written as the requested `save.*` flags (those set, e.g.
@@ -94,21 +180,27 @@ class QuantMethod(CompressionMethod):
         """
         if not self.final:
             return None
-        wq = self.weight_quantizer
+        wq, aq = self.quantizers_for(ctx, name)
         if isinstance(wq, NVFP4Quantizer):  # one global scale for the linears a serving engine fuses
             fused = next((mods for _, mods in ctx.groups() if name in mods), {})
             wq = tie_global_scale(wq, [m.weight for m in fused.values()])
-        return FakeQuantLinear.wrap(
-            ctx.block, name, wq, self.act_quantizer,
-            act_static=self.quant.act is not None and self.quant.act.static,
-        )
+        return FakeQuantLinear.wrap(ctx.block, name, wq, aq, act_static=self.act_static(ctx.adapter, ctx.block,
+                                                                                         ctx.index, name))
+
+    def act_static(self, adapter, block: nn.Module, index: int, name: str) -> bool:
+        act = self.scheme(adapter, block, index, name).act if self.per_module else self.quant.act
+        return act is not None and act.static
 
 
     def restore_linear(self, block: nn.Module, name: str, cls: type[FakeQuantLinear]) -> FakeQuantLinear:
         """Re-create block linear `name` as this method left it (class and quantizers), for a resumed
         run; the checkpoint then puts its weights and quantization parameters back."""
-        return cls.wrap(block, name, self.weight_quantizer, self.act_quantizer,
-                        act_static=self.quant.act is not None and self.quant.act.static)
+        if not self.per_module:
+            return cls.wrap(block, name, self.weight_quantizer, self.act_quantizer,
+                            act_static=self.quant.act is not None and self.quant.act.static)
+        index = self._block_index[id(block)]
+        wq, aq = self._quantizers_of(self._adapter, block, index, name)
+        return cls.wrap(block, name, wq, aq, act_static=self.act_static(self._adapter, block, index, name))
 
 
 def build_weight_quantizer(w: WeightQuantSection) -> Quantizer:

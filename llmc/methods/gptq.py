@@ -187,20 +187,27 @@ GroupSolver = Callable[[Tensor, Tensor, IntQuantizer | None, bool, list[tuple[st
 
 def solve_group(
     group: list[tuple[str, nn.Module]], hessian: Tensor, quantizer: IntQuantizer | None, solve: GroupSolver,
-    where: str, consume_hessian: bool = True,
+    where: str, consume_hessian: bool = True, quantizer_of: Callable[[str], IntQuantizer] | None = None,
 ) -> list[tuple[str, GptqResult]]:
     """Solve the linears of a group sharing `hessian` and write each result into its linear's float
     weight (which the results then hold). Rows are independent given H, so the linears run as one
     stacked weight, except per_tensor where each linear needs its own single range. `where` (e.g.
     "GPTQ on block 3") prefixes a numerical error; with `consume_hessian` the last solve may damp
-    `hessian` in place."""
-    parts = [[item] for item in group] if quantizer is not None and quantizer.granularity == "per_tensor" else [group]
+    `hessian` in place. With `quantizer_of` (mixed precision) each linear has its own quantizer, and
+    only linears with equal ones are stacked."""
+    runs: list[tuple[IntQuantizer | None, list]] = []
+    for item in group:
+        q = quantizer_of(item[0]) if quantizer_of is not None else quantizer
+        if runs and runs[-1][0] == q and (q is None or q.granularity != "per_tensor"):
+            runs[-1][1].append(item)
+        else:
+            runs.append((q, [item]))
     out = []
-    for k, part in enumerate(parts):
+    for k, (part_quantizer, part) in enumerate(runs):
         weight = torch.cat([m.weight for _, m in part])
-        wq = quantizer.for_dtype(weight.dtype) if quantizer is not None else None
+        wq = part_quantizer.for_dtype(weight.dtype) if part_quantizer is not None else None
         try:
-            res = solve(weight, hessian, wq, consume_hessian and k == len(parts) - 1, part)
+            res = solve(weight, hessian, wq, consume_hessian and k == len(runs) - 1, part)
         except NumericsError as exc:
             raise NumericsError(f"{where} ({', '.join(n for n, _ in part)}): {exc}") from None
         per_row = res.scale.shape[0] // weight.shape[0]
@@ -218,10 +225,10 @@ def solve_group(
 def wrap_result(method: QuantMethod, ctx: BlockContext, name: str, result: GptqResult) -> FakeQuantLinear:
     """Replace block linear `name` by a fake-quant linear of `method` holding `result`'s params and
     g_idx, so its `fake_weight()` is Q exactly (a `GroupIndexFakeQuantLinear` for act-order groups)."""
-    natural = natural_g_idx(result.weight.shape[1], method.weight_quantizer, result.g_idx.device)
+    wq, aq = method.quantizers_for(ctx, name)
+    natural = natural_g_idx(result.weight.shape[1], wq, result.g_idx.device)
     cls = FakeQuantLinear if torch.equal(result.g_idx, natural) else GroupIndexFakeQuantLinear
-    fq = cls.wrap(ctx.block, name, method.weight_quantizer, method.act_quantizer,
-                  act_static=method.quant.act is not None and method.quant.act.static)
+    fq = cls.wrap(ctx.block, name, wq, aq, act_static=method.act_static(ctx.adapter, ctx.block, ctx.index, name))
     fq.set_weight_qparams(result.scale, result.zero)
     fq.register_buffer("g_idx", result.g_idx.to(fq.weight.device), persistent=False)
     return fq
@@ -256,13 +263,15 @@ class GPTQ(QuantMethod):
     Special = GptqSpecial
     # Measured on SmolLM2-135M W4 per-channel: WikiText-2 PPL 30.08 with, 32.30 without.
     prefers_quant_out = True
+    module_schemes = True
     replay_children = True
     """With true_sequential, replay finished children of the block instead of re-running them."""
 
     @property
     def arbitrary_group_order(self) -> bool:
         sp = self.special
-        return self.weight_quantizer.granularity == "per_group" and sp.actorder and not sp.static_groups
+        grans = {self.weight_quantizer.granularity} | {o.weight.get("granularity") for o in self.quant.overrides if o.weight}
+        return "per_group" in grans and sp.actorder and not sp.static_groups
 
     def extra_device_bytes(self, model: nn.Module, adapter: ModelAdapter, calib_tokens: int) -> int:
         """float32 Hessians held at once, plus GPTQ's working set for the largest group or, during
@@ -329,7 +338,8 @@ class GPTQ(QuantMethod):
                                  sp.static_groups, consume_hessian=consume,
                                  keep_zeros=any(is_pruned(m) for _, m in part))
 
-        return solve_group(group, hessian, self.weight_quantizer, solve, f"GPTQ on block {ctx.index}")
+        return solve_group(group, hessian, self.weight_quantizer, solve, f"GPTQ on block {ctx.index}",
+                           quantizer_of=(lambda n: self.quantizers_for(ctx, n)[0]) if self.per_module else None)
 
     def wrap(self, ctx: BlockContext, name: str, result: GptqResult) -> None:
         wrap_result(self, ctx, name, result)

@@ -21,6 +21,7 @@ class RTN(QuantMethod):
     aliases = ("Naive",)
     needs_calibration = False
     float_quant = True
+    module_schemes = True
 
     def process_block(self, ctx: BlockContext) -> None:
         for name in ctx.targets:

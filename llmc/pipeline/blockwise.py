@@ -274,6 +274,8 @@ class BlockwisePipeline:
         """Wall time per stage summed over blocks (to_device, forward, process, offload)."""
         self.plan: MemoryPlan | None = None
         """The memory plan the run was checked against (llmc.pipeline.planner.MemoryPlan)."""
+        self.results: dict = {}
+        """What methods report at the model-level steps, for results.json (set by llmc.schedule)."""
 
     def _lap(self, stage: str, since: float) -> float:
         return add_elapsed(self.stage_seconds, stage, since, self.device)
