@@ -59,14 +59,12 @@ class OutputGroupedLinear(FakeQuantLinear):
 @register_method
 class AdaDim(QuantMethod):
     name = "AdaDim"
+    quantizes_only = True
     needs_calibration = True
     state_attrs = ("stage_seconds", "choices")
 
     def __init__(self, quant: QuantSection, special: dict | None = None, final: bool = True) -> None:
         super().__init__(quant, special, final)
-        if not final:
-            raise ConfigError("AdaDim quantizes the weights, so it must be the quantizing method of quant.method "
-                              "(the last but tuners, e.g. [SmoothQuant, AdaDim])")
         w = quant.weight
         if w.granularity not in ("per_channel", "per_group"):
             raise ConfigError(f"AdaDim chooses the dimension scales run along; granularity {w.granularity} has "

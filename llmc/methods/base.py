@@ -41,6 +41,9 @@ class QuantMethod(CompressionMethod):
     not only integer grids."""
     prefers_quant_out: ClassVar[bool] = False
     """Whether blocks should by default see the quantized earlier blocks' outputs (`quant.quant_out`)."""
+    quantizes_only: ClassVar[bool] = False
+    """Whether the method only makes sense as the quantizing method of a composition (it quantizes or trains
+    with its own quantizers), never as a transform before another method."""
     trains_clipping: ClassVar[bool] = False
     """Whether the method trains the weight clipping (`calib_algo: learnable` needs one that does)."""
     tunes_quantized: ClassVar[bool] = False
@@ -71,6 +74,9 @@ class QuantMethod(CompressionMethod):
             raise ConfigError(
                 f"{self.name} does not support quant_type: {floats_used[0]}{kind}; use {floats}, or int-quant"
             )
+        if self.quantizes_only and not final:
+            raise ConfigError(f"{self.name} quantizes the weights, so it must be the quantizing method of "
+                              f"quant.method (the last but tuners, e.g. [SmoothQuant, {self.name}])")
         if quant.weight.calib_algo == "learnable" and final and not self.trains_clipping:
             trainers = ", ".join(sorted(c.name for c in set(METHODS.values()) if c.trains_clipping))
             raise ConfigError(

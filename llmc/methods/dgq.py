@@ -110,14 +110,12 @@ def search_channel_scale(weight: Tensor, hessian: Tensor, q: DualGrainedQuantize
 @register_method
 class DGQ(QuantMethod):
     name = "DGQ"
+    quantizes_only = True
     Special = DgqSpecial
     needs_calibration = True
 
     def __init__(self, quant: QuantSection, special: dict | None = None, final: bool = True) -> None:
         super().__init__(quant, special, final)
-        if not final:
-            raise ConfigError("DGQ quantizes the weights, so it must be the quantizing method of quant.method "
-                              "(the last but tuners, e.g. [SmoothQuant, DGQ])")
         w = quant.weight
         if w.granularity != "per_group":
             raise ConfigError(f"DGQ's weights are per_group (int8 group scales under channel scales), not "

@@ -103,15 +103,13 @@ class FlatQuantSpecial(BaseModel):
 @register_method
 class FlatQuant(QuantMethod):
     name = "FlatQuant"
+    quantizes_only = True
     Special = FlatQuantSpecial
     trains_clipping = True
     state_attrs = ("stage_seconds", "epoch_losses")
 
     def __init__(self, quant: QuantSection, special: dict | None = None, final: bool = True) -> None:
         super().__init__(quant, special, final)
-        if not final:
-            raise ConfigError("quant.method: FlatQuant trains its transforms for the quantized block, so it "
-                              "must be the quantizing (last) method, e.g. method: [SmoothQuant, FlatQuant]")
         if quant.act is not None and quant.act.static:
             raise ConfigError("FlatQuant trains with dynamic activation ranges; set quant.act.static: false "
                               "(granularity per_token)")

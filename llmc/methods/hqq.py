@@ -196,14 +196,12 @@ def lowest_error(rows: Tensor, q: HQQQuantizer, p: float, pairs: list[tuple[Tens
 @register_method
 class HQQ(QuantMethod):
     name = "HQQ"
+    quantizes_only = True
     Special = HQQSpecial
     needs_calibration = False
 
     def __init__(self, quant: QuantSection, special: dict | None = None, final: bool = True) -> None:
         super().__init__(quant, special, final)
-        if not final:
-            raise ConfigError("HQQ quantizes the weights, so it must be the quantizing method of quant.method "
-                              "(the last but tuners, e.g. [AWQ, HQQ])")
         w = quant.weight
         if w.symmetric:
             raise ConfigError("HQQ fits the zero point of an asymmetric grid; set quant.weight.symmetric: false")

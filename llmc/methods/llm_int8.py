@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from llmc.config.schema import QuantSection
 from llmc.methods.base import QuantMethod, register_method
 from llmc.pipeline.blockwise import BlockContext
-from llmc.quant.outliers import outlier_export_refusal, require_final, wrap_by_group
+from llmc.quant.outliers import outlier_export_refusal, wrap_by_group
 
 log = logging.getLogger("llmc")
 
@@ -45,13 +45,13 @@ class LlmInt8Special(BaseModel):
 @register_method
 class LlmInt8(QuantMethod):
     name = "LlmInt8"
+    quantizes_only = True
     aliases = ("LLM.int8()",)
     Special = LlmInt8Special
     needs_calibration = True
 
     def __init__(self, quant: QuantSection, special: dict | None = None, final: bool = True) -> None:
         super().__init__(quant, special, final)
-        require_final(self)
 
     def export_refusal(self, save_flags: list[str]) -> str | None:
         return outlier_export_refusal(self.name, save_flags, self.quant.act is not None)

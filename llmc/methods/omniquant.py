@@ -84,6 +84,7 @@ class OmniQuantSpecial(BaseModel):
 @register_method
 class OmniQuant(QuantMethod):
     name = "OmniQuant"
+    quantizes_only = True
     Special = OmniQuantSpecial
     prefers_quant_out = True
     trains_clipping = True
@@ -92,11 +93,6 @@ class OmniQuant(QuantMethod):
     def __init__(self, quant: QuantSection, special: dict | None = None, final: bool = True) -> None:
         super().__init__(quant, special, final)
         sp = self.special
-        if not final:
-            raise ConfigError(
-                "OmniQuant trains the block with its own quantizers, so it must be the quantizing method: "
-                "put it last in quant.method (e.g. [AWQ, OmniQuant]) or use it alone"
-            )
         weight_act = quant.act is not None
         self.let = weight_act if sp.let is None else sp.let
         self.use_shift = self.let and (weight_act if sp.use_shift is None else sp.use_shift)

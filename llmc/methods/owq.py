@@ -37,7 +37,7 @@ from llmc.config.schema import QuantSection
 from llmc.errors import ConfigError
 from llmc.methods.base import QuantMethod, register_method
 from llmc.pipeline.blockwise import BlockContext
-from llmc.quant.outliers import outlier_export_refusal, require_final, wrap_by_group
+from llmc.quant.outliers import outlier_export_refusal, wrap_by_group
 
 log = logging.getLogger("llmc")
 
@@ -65,12 +65,12 @@ def sensitivity(weight: Tensor, quantized: Tensor, hessian_diag: Tensor) -> Tens
 @register_method
 class OWQ(QuantMethod):
     name = "OWQ"
+    quantizes_only = True
     Special = OwqSpecial
     needs_calibration = True
 
     def __init__(self, quant: QuantSection, special: dict | None = None, final: bool = True) -> None:
         super().__init__(quant, special, final)
-        require_final(self)
         bit, target = quant.weight.bit, self.special.target_bit
         if target is not None and not bit < target <= 16:
             raise ConfigError(f"OWQ quant.special.target_bit {target} must lie between quant.weight.bit ({bit}) "

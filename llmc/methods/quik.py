@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from llmc.config.schema import QuantSection
 from llmc.methods.base import QuantMethod, register_method
 from llmc.pipeline.blockwise import BlockContext
-from llmc.quant.outliers import outlier_export_refusal, require_final, wrap_by_group
+from llmc.quant.outliers import outlier_export_refusal, wrap_by_group
 
 log = logging.getLogger("llmc")
 
@@ -55,12 +55,12 @@ def top_features(meansq: Tensor, count: int) -> Tensor:
 @register_method
 class QUIK(QuantMethod):
     name = "QUIK"
+    quantizes_only = True
     Special = QuikSpecial
     needs_calibration = True
 
     def __init__(self, quant: QuantSection, special: dict | None = None, final: bool = True) -> None:
         super().__init__(quant, special, final)
-        require_final(self)
 
     def export_refusal(self, save_flags: list[str]) -> str | None:
         return outlier_export_refusal(self.name, save_flags, self.quant.act is not None)

@@ -23,7 +23,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from llmc.errors import ConfigError
 from llmc.pipeline.blockwise import BlockContext
 from llmc.quant.fake_linear import FakeQuantLinear
 
@@ -121,12 +120,6 @@ def wrap_outliers(method, ctx: BlockContext, name: str, idx: Tensor) -> OutlierC
                                   act_static=method.quant.act is not None and method.quant.act.static)
     fq.set_outliers(idx)
     return fq
-
-
-def require_final(method) -> None:
-    if not method.final:
-        raise ConfigError(f"{method.name} quantizes the weights, so it must be the quantizing method of "
-                          f"quant.method (the last but tuners, e.g. [SmoothQuant, {method.name}])")
 
 
 Choose = Callable[[Tensor, Tensor, nn.Module], Tensor]
