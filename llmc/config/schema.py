@@ -240,7 +240,35 @@ class EvalSection(Section):
         return v
 
 
-class WeightQuantSection(Section):
+class RangeSection(Section):
+    """What weight and activation quantization share: how ranges are chosen and scaled."""
+
+    calib_algo: Literal["minmax", "mse", "percentile", "learnable"] = Field(
+        "minmax", description="Range: min/max, MSE clip search, percentile, or learnable (trained clipping: "
+        "OmniQuant, FlatQuant)."
+    )
+    percentile: float = Field(99.9, gt=50, le=100, description="calib_algo percentile: upper percentile kept.")
+    ste: bool = Field(True, description="llmc's straight-through estimator flag; rounding always passes gradients "
+                      "straight through here, so only true is accepted.")
+
+    @field_validator("ste")
+    @classmethod
+    def _ste(cls, v: bool) -> bool:
+        if not v:
+            raise ValueError("ste: false is not supported; rounding always uses the straight-through estimator "
+                             "(remove the key)")
+        return v
+    sym_scale: Literal["qmax", "half_range"] = Field(
+        "qmax", description="int-quant symmetric scale: absmax / qmax (llmc; /7 at 4 bits) or absmax / half the "
+        "code range (half_range: compressed-tensors' and llm-compressor's, /7.5 at 4 bits)."
+    )
+
+    def _check_sym_scale(self) -> None:
+        if self.sym_scale != "qmax" and (self.quant_type != "int-quant" or not self.symmetric):
+            raise ValueError("sym_scale half_range applies to symmetric int-quant; remove it or set symmetric: true")
+
+
+class WeightQuantSection(RangeSection):
     """Weight quantization."""
 
     quant_type: Literal["int-quant", "float-quant", "nvfp4", "mxfp4", "mxfp8"] = Field(
@@ -264,27 +292,8 @@ class WeightQuantSection(Section):
             raise ValueError("'per_block' is not allowed; use one of 'per_tensor', 'per_channel' or 'per_group' "
                              "(per_block is for FP8 blocks: quant_type: float-quant, bit: e4m3)")
         return v
-    calib_algo: Literal["minmax", "mse", "percentile", "learnable"] = Field(
-        "minmax", description="Range: min/max, MSE clip search, percentile, or learnable (trained clipping: "
-        "OmniQuant, FlatQuant)."
-    )
-    percentile: float = Field(99.9, gt=50, le=100, description="calib_algo percentile: upper percentile kept.")
-    ste: bool = Field(True, description="llmc's straight-through estimator flag; rounding always passes gradients "
-                      "straight through here, so only true is accepted.")
-
-    @field_validator("ste")
-    @classmethod
-    def _ste(cls, v: bool) -> bool:
-        if not v:
-            raise ValueError("ste: false is not supported; rounding always uses the straight-through estimator "
-                             "(remove the key)")
-        return v
     partial_group: bool = Field(
         False, description="Allow a narrower last group where group_size does not divide the input features."
-    )
-    sym_scale: Literal["qmax", "half_range"] = Field(
-        "qmax", description="int-quant symmetric scale: absmax / qmax (llmc; /7 at 4 bits) or absmax / half the "
-        "code range (half_range: compressed-tensors' and llm-compressor's, /7.5 at 4 bits)."
     )
 
     @model_validator(mode="before")
@@ -295,8 +304,7 @@ class WeightQuantSection(Section):
     @model_validator(mode="after")
     def _group(self) -> WeightQuantSection:
         _check_quant_type(self.quant_type, self.bit, self.symmetric)
-        if self.sym_scale != "qmax" and (self.quant_type != "int-quant" or not self.symmetric):
-            raise ValueError("sym_scale half_range applies to symmetric int-quant; remove it or set symmetric: true")
+        self._check_sym_scale()
         if self.quant_type in MICROSCALING:
             _check_microscaling(self)
         elif self.quant_type == "float-quant" and self.granularity == "per_group":
@@ -307,7 +315,7 @@ class WeightQuantSection(Section):
         return self
 
 
-class ActQuantSection(Section):
+class ActQuantSection(RangeSection):
     """Input-activation quantization of the quantized linears; omit for weight-only."""
 
     quant_type: Literal["int-quant", "float-quant", "nvfp4", "mxfp4", "mxfp8"] = Field(
@@ -321,27 +329,8 @@ class ActQuantSection(Section):
         "of each token (dynamic; float formats: float-quant with group_size 128 for FP8 blocks, nvfp4, mxfp4, mxfp8)."
     )
     group_size: int = Field(-1, description="per_group: features per group (128 for FP8 blocks); -1 otherwise.")
-    sym_scale: Literal["qmax", "half_range"] = Field(
-        "qmax", description="int-quant symmetric scale: absmax / qmax (llmc; /7 at 4 bits) or absmax / half the "
-        "code range (half_range: compressed-tensors' and llm-compressor's, /7.5 at 4 bits)."
-    )
     static: bool = Field(False, description="Calibrate one fixed range (per_tensor only) instead of dynamic; "
                          "nvfp4: calibrate the global scale (the group scales stay dynamic).")
-    calib_algo: Literal["minmax", "mse", "percentile", "learnable"] = Field(
-        "minmax", description="Range: min/max, MSE clip search, percentile, or learnable (trained clipping: "
-        "OmniQuant, FlatQuant)."
-    )
-    percentile: float = Field(99.9, gt=50, le=100, description="calib_algo percentile: upper percentile kept.")
-    ste: bool = Field(True, description="llmc's straight-through estimator flag; rounding always passes gradients "
-                      "straight through here, so only true is accepted.")
-
-    @field_validator("ste")
-    @classmethod
-    def _ste(cls, v: bool) -> bool:
-        if not v:
-            raise ValueError("ste: false is not supported; rounding always uses the straight-through estimator "
-                             "(remove the key)")
-        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -351,8 +340,7 @@ class ActQuantSection(Section):
     @model_validator(mode="after")
     def _static(self) -> ActQuantSection:
         _check_quant_type(self.quant_type, self.bit, self.symmetric)
-        if self.sym_scale != "qmax" and (self.quant_type != "int-quant" or not self.symmetric):
-            raise ValueError("sym_scale half_range applies to symmetric int-quant; remove it or set symmetric: true")
+        self._check_sym_scale()
         if self.quant_type in MICROSCALING:
             _check_microscaling(self)
             if self.static and self.quant_type != "nvfp4":
