@@ -10,14 +10,13 @@ from an observer of `llmc.quant.observers` (minmax, mse, percentile), as for the
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from llmc.quant.observers import OBSERVERS, mse_search, observe_range
-from llmc.quant.quantizer import HALF_DTYPES, representable_scale
+from llmc.quant.observers import mse_search, observe_range
+from llmc.quant.quantizer import QuantizerCommon, representable_scale
 
 FP8_E4M3_MAX = 448.0
 FP8_DTYPE = torch.float8_e4m3fn
@@ -29,7 +28,7 @@ def ste(q: Tensor, x: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class FP8Quantizer:
+class FP8Quantizer(QuantizerCommon):
     granularity: str
     calib_algo: str = "minmax"
     bit: str = "e4m3"
@@ -43,17 +42,12 @@ class FP8Quantizer:
     scale_dtype: torch.dtype | None = None
     """fp16/bf16: scales are rounded to this dtype (see IntQuantizer.scale_dtype)."""
 
-    def for_dtype(self, dtype: torch.dtype) -> FP8Quantizer:
-        wanted = dtype if dtype in HALF_DTYPES else None
-        return self if wanted == self.scale_dtype else dataclasses.replace(self, scale_dtype=wanted)
-
     def __post_init__(self) -> None:
         if self.bit != "e4m3":
             raise ValueError(f"float quantization supports bit e4m3, not {self.bit!r}")
         if self.granularity not in ("per_tensor", "per_channel", "per_token"):
             raise ValueError(f"FP8 quantization supports per_tensor, per_channel and per_token, not {self.granularity!r}")
-        if self.calib_algo not in OBSERVERS:
-            raise ValueError(f"unknown calib_algo {self.calib_algo!r}; use one of {', '.join(OBSERVERS)}")
+        self.check_calib_algo()
         if not self.symmetric:
             raise ValueError("FP8 quantization is symmetric")
 
@@ -103,7 +97,3 @@ class FP8Quantizer:
         """Fake-quantize `x` with a given scale; same shape and dtype as `x`."""
         out = self._qdq_rows(self.rows(x).float(), scale.float())
         return self.unrows(out, x.shape).to(x.dtype)
-
-    def fake_quant(self, x: Tensor) -> Tensor:
-        scale, zero = self.calc_qparams(x)
-        return self.quant_dequant(x, scale, zero)

@@ -10,7 +10,6 @@ dimensions are not multiples of the block is padded with zeros, as compressed-te
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -19,12 +18,12 @@ from torch import Tensor
 
 from llmc.quant.fp8 import FP8_DTYPE, FP8_E4M3_MAX
 from llmc.quant.microscaling import group_rows, round_element_ste, ungroup_rows
-from llmc.quant.observers import OBSERVERS, mse_search, observe_range
-from llmc.quant.quantizer import HALF_DTYPES, representable_scale
+from llmc.quant.observers import mse_search, observe_range
+from llmc.quant.quantizer import QuantizerCommon, representable_scale
 
 
 @dataclass(frozen=True)
-class FP8BlockQuantizer:
+class FP8BlockQuantizer(QuantizerCommon):
     granularity: str
     """per_block (2-D weights) or per_group (activations: groups of features of one token)."""
     block_size: int = 128
@@ -44,12 +43,7 @@ class FP8BlockQuantizer:
             raise ValueError(f"FP8 blocks are per_block (weights) or per_group (activations), not {self.granularity!r}")
         if self.block_size < 1 or self.group_size < 1:
             raise ValueError("block_size and group_size must be >= 1")
-        if self.calib_algo not in OBSERVERS:
-            raise ValueError(f"unknown calib_algo {self.calib_algo!r}; use one of {', '.join(OBSERVERS)}")
-
-    def for_dtype(self, dtype: torch.dtype) -> FP8BlockQuantizer:
-        wanted = dtype if dtype in HALF_DTYPES else None
-        return self if wanted == self.scale_dtype else dataclasses.replace(self, scale_dtype=wanted)
+        self.check_calib_algo()
 
     @property
     def qmin(self) -> float:
@@ -105,6 +99,3 @@ class FP8BlockQuantizer:
     def quant_dequant(self, x: Tensor, scale: Tensor, zero: Tensor | None = None) -> Tensor:
         out = self._qdq_rows(self.rows(x).float(), scale.float())
         return self.unrows(out, x.shape).to(x.dtype)
-
-    def fake_quant(self, x: Tensor) -> Tensor:
-        return self.quant_dequant(x, *self.calc_qparams(x))

@@ -33,8 +33,8 @@ from torch import Tensor
 
 from llmc.errors import ModelError
 from llmc.quant.fp8 import FP8_DTYPE, FP8_E4M3_MAX
-from llmc.quant.observers import OBSERVERS, mse_search, observe_range
-from llmc.quant.quantizer import HALF_DTYPES, representable_scale
+from llmc.quant.observers import mse_search, observe_range
+from llmc.quant.quantizer import QuantizerCommon, representable_scale
 
 E2M1_MAX = 6.0
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -85,7 +85,7 @@ def _absmax(xmin: Tensor, xmax: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class NVFP4Quantizer:
+class NVFP4Quantizer(QuantizerCommon):
     calib_algo: str = "minmax"
     dynamic_groups: bool = False
     """Activations: group scales from every input (partial last groups padded); the global scale is the parameter."""
@@ -105,12 +105,7 @@ class NVFP4Quantizer:
     def __post_init__(self) -> None:
         if (self.bit, self.granularity, self.group_size, self.symmetric) != ("e2m1", "per_group", 16, True):
             raise ValueError("NVFP4 is symmetric e2m1 in groups of 16 (per_group)")
-        if self.calib_algo not in OBSERVERS:
-            raise ValueError(f"unknown calib_algo {self.calib_algo!r}; use one of {', '.join(OBSERVERS)}")
-
-    def for_dtype(self, dtype: torch.dtype) -> NVFP4Quantizer:
-        wanted = dtype if dtype in HALF_DTYPES else None
-        return self if wanted == self.scale_dtype else dataclasses.replace(self, scale_dtype=wanted)
+        self.check_calib_algo()
 
     @property
     def qmin(self) -> float:
@@ -179,12 +174,9 @@ class NVFP4Quantizer:
         out = self._qdq_rows(rows, *self._row_params(rows, scale, zero))
         return self.unrows(out, x.shape).to(x.dtype)
 
-    def fake_quant(self, x: Tensor) -> Tensor:
-        return self.quant_dequant(x, *self.calc_qparams(x))
-
 
 @dataclass(frozen=True)
-class MXQuantizer:
+class MXQuantizer(QuantizerCommon):
     bit: str = "e2m1"
     """The element format: e2m1 (MXFP4) or e4m3 (MXFP8)."""
     calib_algo: str = "minmax"
@@ -205,16 +197,11 @@ class MXQuantizer:
             raise ValueError(f"MX elements are e2m1 (MXFP4) or e4m3 (MXFP8), not {self.bit!r}")
         if (self.granularity, self.group_size, self.symmetric) != ("per_group", 32, True):
             raise ValueError("MX formats are symmetric, in groups of 32 (per_group)")
-        if self.calib_algo not in OBSERVERS:
-            raise ValueError(f"unknown calib_algo {self.calib_algo!r}; use one of {', '.join(OBSERVERS)}")
+        self.check_calib_algo()
 
     @property
     def name(self) -> str:
         return "MXFP4" if self.bit == "e2m1" else "MXFP8"
-
-    def for_dtype(self, dtype: torch.dtype) -> MXQuantizer:
-        wanted = dtype if dtype in HALF_DTYPES else None
-        return self if wanted == self.scale_dtype else dataclasses.replace(self, scale_dtype=wanted)
 
     @property
     def qmin(self) -> float:
@@ -263,9 +250,6 @@ class MXQuantizer:
         rows = self.rows(x).float()
         scale, _ = self._row_params(rows, scale, torch.zeros_like(scale) if zero is None else zero)
         return self.unrows(self._qdq_rows(rows, scale), x.shape).to(x.dtype)
-
-    def fake_quant(self, x: Tensor) -> Tensor:
-        return self.quant_dequant(x, *self.calc_qparams(x))
 
 
 def mx_scale(absmax: Tensor, element: str) -> Tensor:

@@ -34,8 +34,26 @@ def round_ste(x: Tensor) -> Tensor:
     return (x.round() - x).detach() + x
 
 
+class QuantizerCommon:
+    """What every quantizer dataclass shares (its fields: `calib_algo`, `scale_dtype`; the rest of the
+    interface is in `llmc.quant.registry`)."""
+
+    def for_dtype(self, dtype: torch.dtype):
+        """This quantizer with scales representable in `dtype` (a weight's dtype: fp16/bf16, else float32)."""
+        wanted = dtype if dtype in HALF_DTYPES else None
+        return self if wanted == self.scale_dtype else dataclasses.replace(self, scale_dtype=wanted)
+
+    def check_calib_algo(self) -> None:
+        if self.calib_algo not in OBSERVERS:
+            raise ValueError(f"unknown calib_algo {self.calib_algo!r}; use one of {', '.join(OBSERVERS)}")
+
+    def fake_quant(self, x: Tensor) -> Tensor:
+        """Quantize-dequantize `x` with parameters computed from `x` itself."""
+        return self.quant_dequant(x, *self.calc_qparams(x))
+
+
 @dataclass(frozen=True)
-class IntQuantizer:
+class IntQuantizer(QuantizerCommon):
     bit: int
     symmetric: bool
     granularity: str
@@ -55,11 +73,6 @@ class IntQuantizer:
     """fp16/bf16: scales are rounded to this dtype (the model's), so a checkpoint that stores them in
     it dequantizes to exactly the fake-quantized weight; None keeps float32 scales."""
 
-    def for_dtype(self, dtype: torch.dtype) -> IntQuantizer:
-        """This quantizer with scales representable in `dtype` (a weight's dtype)."""
-        wanted = dtype if dtype in HALF_DTYPES else None
-        return self if wanted == self.scale_dtype else dataclasses.replace(self, scale_dtype=wanted)
-
     def __post_init__(self) -> None:
         if not 2 <= self.bit <= 8:
             raise ValueError(f"bit={self.bit} is outside 2..8")
@@ -69,8 +82,7 @@ class IntQuantizer:
             raise ValueError("per_group needs group_size >= 1")
         if self.sym_scale not in ("qmax", "half_range"):
             raise ValueError(f"unknown sym_scale {self.sym_scale!r}; use qmax or half_range")
-        if self.calib_algo not in OBSERVERS:
-            raise ValueError(f"unknown calib_algo {self.calib_algo!r}; use one of {', '.join(OBSERVERS)}")
+        self.check_calib_algo()
 
     @property
     def qmin(self) -> int:
@@ -138,7 +150,3 @@ class IntQuantizer:
         """Fake-quantize `x` with given parameters; same shape and dtype as `x`."""
         out = self._qdq_rows(self.rows(x).float(), scale.float(), zero.float())
         return self.unrows(out, x.shape).to(x.dtype)
-
-    def fake_quant(self, x: Tensor) -> Tensor:
-        scale, zero = self.calc_qparams(x)
-        return self.quant_dequant(x, scale, zero)
