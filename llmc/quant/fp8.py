@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from llmc.quant.observers import mse_search, observe_range
 from llmc.quant.quantizer import QuantizerCommon, representable_scale
 
 FP8_E4M3_MAX = 448.0
@@ -75,18 +74,10 @@ class FP8Quantizer(QuantizerCommon):
         scale = representable_scale(scale, self.scale_dtype)
         return scale, torch.zeros_like(scale)
 
-    def calc_qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        rows = self.rows(x.detach()).float()
-        xmin, xmax = observe_range(rows, self.calib_algo, self.percentile)
-        if self.calib_algo != "mse":
-            return self.params_from_range(xmin, xmax)
-        return mse_search(rows, xmin, xmax, self.params_from_range, lambda r, s, _z: self._qdq_rows(r, s),
-                          self.mse_grid, self.mse_maxshrink)
-
     def _codes(self, rows: Tensor, scale: Tensor) -> Tensor:
         return (rows / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE)
 
-    def _qdq_rows(self, rows: Tensor, scale: Tensor) -> Tensor:
+    def _qdq_rows(self, rows: Tensor, scale: Tensor, zero: Tensor | None = None) -> Tensor:
         return ste(self._codes(rows, scale).float() * scale, rows)
 
     def quantize(self, x: Tensor, scale: Tensor, zero: Tensor | None = None) -> Tensor:

@@ -18,7 +18,6 @@ from torch import Tensor
 
 from llmc.quant.fp8 import FP8_DTYPE, FP8_E4M3_MAX
 from llmc.quant.microscaling import group_rows, round_element_ste, ungroup_rows
-from llmc.quant.observers import mse_search, observe_range
 from llmc.quant.quantizer import QuantizerCommon, representable_scale
 
 
@@ -80,13 +79,6 @@ class FP8BlockQuantizer(QuantizerCommon):
         scale = (absmax / FP8_E4M3_MAX).clamp(min=torch.finfo(torch.float32).tiny * 1e3)
         scale = representable_scale(scale, self.scale_dtype)
         return scale, torch.zeros_like(scale)
-
-    def calc_qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        rows = self.rows(x.detach()).float()
-        xmin, xmax = observe_range(rows, self.calib_algo, self.percentile)
-        if self.calib_algo != "mse":
-            return self.params_from_range(xmin, xmax)
-        return mse_search(rows, xmin, xmax, self.params_from_range, self._qdq_rows, self.mse_grid, self.mse_maxshrink)
 
     def _qdq_rows(self, rows: Tensor, scale: Tensor, zero: Tensor | None = None) -> Tensor:
         return round_element_ste((rows / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX), "e4m3") * scale

@@ -222,13 +222,6 @@ class MXQuantizer(QuantizerCommon):
         scale = representable_scale(mx_scale(_absmax(xmin, xmax), self.bit), self.scale_dtype)
         return scale, torch.zeros_like(scale)
 
-    def calc_qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        rows = self.rows(x.detach()).float()
-        xmin, xmax = observe_range(rows, self.calib_algo, self.percentile)
-        if self.calib_algo != "mse":
-            return self.params_from_range(xmin, xmax)
-        return mse_search(rows, xmin, xmax, self.params_from_range, self._qdq_rows, self.mse_grid, self.mse_maxshrink)
-
     def _row_params(self, rows: Tensor, scale: Tensor, zero: Tensor) -> tuple[Tensor, Tensor]:
         if not self.dynamic_groups:
             return scale.float(), zero.float()

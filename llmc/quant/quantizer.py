@@ -47,6 +47,14 @@ class QuantizerCommon:
         if self.calib_algo not in OBSERVERS:
             raise ValueError(f"unknown calib_algo {self.calib_algo!r}; use one of {', '.join(OBSERVERS)}")
 
+    def calc_qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Scale and zero point for `x` (computed in float32), shaped `[rows, 1]`, with the `calib_algo` range."""
+        rows = self.rows(x.detach()).float()
+        xmin, xmax = observe_range(rows, self.calib_algo, self.percentile)
+        if self.calib_algo != "mse":
+            return self.params_from_range(xmin, xmax)
+        return mse_search(rows, xmin, xmax, self.params_from_range, self._qdq_rows, self.mse_grid, self.mse_maxshrink)
+
     def fake_quant(self, x: Tensor) -> Tensor:
         """Quantize-dequantize `x` with parameters computed from `x` itself."""
         return self.quant_dequant(x, *self.calc_qparams(x))
@@ -127,14 +135,6 @@ class IntQuantizer(QuantizerCommon):
             scale = representable_scale(((xmax - xmin) / self.qmax).clamp(min=tiny), self.scale_dtype)
             zero = round_ste(-xmin / scale).clamp(self.qmin, self.qmax)
         return scale, zero
-
-    def calc_qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Scale and zero point for `x` (computed in float32), shaped `[rows, 1]`."""
-        rows = self.rows(x.detach()).float()
-        xmin, xmax = observe_range(rows, self.calib_algo, self.percentile)
-        if self.calib_algo != "mse":
-            return self.params_from_range(xmin, xmax)
-        return mse_search(rows, xmin, xmax, self.params_from_range, self._qdq_rows, self.mse_grid, self.mse_maxshrink)
 
     def _qdq_rows(self, rows: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
         q = torch.clamp(round_ste(rows / scale) + zero, self.qmin, self.qmax)
