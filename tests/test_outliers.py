@@ -157,7 +157,7 @@ def test_owq_keeps_the_most_sensitive_columns():
     with torch.no_grad():
         ref.up.weight[:, 33] *= 8  # a large weight column: large quantization error of the rows
     w3 = {"bit": 3, "symmetric": False, "granularity": "per_group", "group_size": 16}
-    m = method("OWQ", w3, n_outlier=3)
+    m = method("OWQ", w3, n_outlier=3, gptq=False)
     block = ToyBlock()
     block.load_state_dict(ref.state_dict())
     inputs = BlockInputs(hidden, [()] * 2, [{}] * 2, [None] * 2)
@@ -261,6 +261,8 @@ def test_weight_only_save_fake_allowed():
     ("OWQ", {"n_outs": 3}, "n_outs"),
     ("OWQ", {"n_outlier": 3, "target_bit": 4.1}, "not both"),
     ("OWQ", {"target_bit": 3.5}, "target_bit"),
+    ("OWQ", {"percdamp": 0}, "percdamp"),
+    ("QUIK", {"gptq": "maybe"}, "gptq"),
 ])
 def test_bad_keys_one_line(name, special, words):
     with pytest.raises(ConfigError) as exc:
@@ -273,3 +275,84 @@ def test_not_last_of_a_composition():
     with pytest.raises(ConfigError, match="OWQ quantizes the weights") as exc:
         build_methods(load_config(cfg))
     one_line(exc)
+
+
+# ---------------------------------------------------------------- GPTQ on the quantized columns
+
+W3G = {"bit": 3, "symmetric": False, "granularity": "per_group", "group_size": 16}
+GPTQ_CASES = [
+    ("QUIK", W4, A4, {"fp_features": 4}),
+    ("OWQ", {"bit": 3, "symmetric": True, "granularity": "per_channel"}, None, {"n_outlier": 4}),
+    ("OWQ", W3G, None, {"n_outlier": 5}),
+    ("OWQ", W3G, None, {"n_outlier": 5, "actorder": True}),
+]
+GPTQ_IDS = ["QUIK-per_channel", "OWQ-per_channel", "OWQ-per_group", "OWQ-per_group-actorder"]
+
+
+def block_error(block: nn.Module, hidden: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    with torch.no_grad():
+        out = run_block(block, BlockInputs(hidden, [()] * 2, [{}] * 2, [None] * 2), CPU)
+    return sum((o - e).pow(2).sum().item() for o, e in zip(out, expected))
+
+
+@pytest.mark.parametrize("name,weight,act,special", GPTQ_CASES, ids=GPTQ_IDS)
+def test_gptq_float_columns_exact_rest_on_the_grid(name, weight, act, special):
+    ref, block = ToyBlock(), run(method(name, weight, act, **special), toy_inputs())
+    wq = IntQuantizer(**weight)
+    for lin in ("up", "gate", "down"):
+        fq, orig = block.get_submodule(lin), ref.get_submodule(lin).weight
+        mask = torch.zeros(fq.in_features, dtype=torch.bool)
+        mask[fq.outlier_idx] = True
+        assert type(fq) is OutlierColumnLinear and mask.sum() == special.get("fp_features", special.get("n_outlier"))
+        with torch.no_grad():
+            w = fq.fake_weight()
+        assert torch.equal(w[:, mask], orig[:, mask])  # bit for bit
+        assert torch.equal(w[:, ~mask], fq.weight[:, ~mask])  # GPTQ's Q, reproduced by the layer's params
+        assert not torch.equal(w[:, ~mask], wq.fake_quant(orig.masked_fill(mask, 0))[:, ~mask])  # not RTN
+        # on the grid: each row (group) of the rest takes at most 2^bit values
+        g_idx = getattr(fq, "g_idx", None)
+        groups = g_idx[~mask] if g_idx is not None else torch.zeros(int((~mask).sum()), dtype=torch.long)
+        assert (g_idx is not None) == (wq.granularity == "per_group")
+        if special.get("actorder"):
+            assert not torch.equal(groups, groups.sort().values)  # act-order groups, not contiguous
+        rest = w[:, ~mask]
+        for g in groups.unique():
+            for row in rest[:, groups == g]:
+                assert row.unique().numel() <= 2 ** weight["bit"]
+
+
+@pytest.mark.parametrize("name,weight,act,special", GPTQ_CASES, ids=GPTQ_IDS)
+def test_gptq_block_error_below_rounding(name, weight, act, special):
+    hidden = toy_inputs()
+    expected = run_block(ToyBlock(), BlockInputs(hidden, [()] * 2, [{}] * 2, [None] * 2), CPU)
+    with_gptq = block_error(run(method(name, weight, act, **special), hidden), hidden, expected)
+    rounded = block_error(run(method(name, weight, act, **special, gptq=False), hidden), hidden, expected)
+    assert with_gptq < 0.9 * rounded, (with_gptq, rounded)
+
+
+def test_gptq_first_group_is_gptq_of_the_rest_columns():
+    from llmc.methods.gptq import gptq_quantize
+
+    hidden = toy_inputs()
+    block = run(method("OWQ", W3G, n_outlier=5), hidden)
+    x = torch.cat([h.reshape(-1, FEATURES) for h in hidden])
+    hessian = 2 / x.shape[0] * x.T @ x
+    rest = torch.ones(FEATURES, dtype=torch.bool)
+    rest[block.up.outlier_idx] = False
+    res = gptq_quantize(ToyBlock().up.weight[:, rest], hessian[rest][:, rest], IntQuantizer(**W3G))
+    assert (res.weight - block.up.weight[:, rest]).abs().max() < 1e-4
+
+
+def test_resume_restores_gptq_groups(tmp_path):
+    m = method("OWQ", W3G, n_outlier=5, actorder=True)
+    done = run(m, toy_inputs())
+    tensors, meta = block_tensors(done)
+    save_file(tensors, str(tmp_path / "b.safetensors"), metadata=meta)
+    fresh = ToyBlock()
+    restore_block(tmp_path / "b.safetensors", fresh, m.restore_linear)
+    for name in ("up", "gate", "down"):
+        a, b = done.get_submodule(name), fresh.get_submodule(name)
+        assert type(b) is OutlierColumnLinear and torch.equal(a.g_idx, b.g_idx)
+        with torch.no_grad():
+            assert torch.equal(a.fake_weight(), b.fake_weight())
+            assert not torch.equal(b.fake_weight(), ToyBlock().get_submodule(name).weight)

@@ -13,15 +13,19 @@ columns' activations then stay float too).
 
 H_jj = 2/n sum_t x_tj^2 over the real calibration tokens, accumulated from one forward of the
 float block: the diagonal of `llmc.methods.hessian`'s H, without the [in, in] matrix OWQ does not
-need. Difference from the paper: the remaining columns are rounded to nearest (the paper runs GPTQ
-on them). The layers with float columns cannot be exported to a real-quantized format; save_fake
+need. As in the paper, the remaining columns are solved by GPTQ (Frantar et al., 2022,
+arXiv:2210.17323) with the weak columns out of the sweep (`llmc.quant.outliers.gptq_by_group`; H_jj
+then comes from each group's Hessian, measured after the earlier groups are solved), or rounded to
+nearest with `gptq: false`. The layers with float columns cannot be exported to a real-quantized format; save_fake
 works for weight-only runs (the dense fake weight is the model exactly).
 
 Config keys: `quant.weight.{bit, symmetric, granularity, group_size, calib_algo}`, `quant.act.*`,
 and `quant.special`:
   n_outlier (8, >= 0): weak columns kept in float per linear (at most all of them);
   target_bit (none): instead of n_outlier, the average bits per weight to reach, as the OWQ code's
-    `--target_bit` (e.g. 3.01 with bit 3): n = floor((target_bit - bit) * in_features / (16 - bit)).
+    `--target_bit` (e.g. 3.01 with bit 3): n = floor((target_bit - bit) * in_features / (16 - bit));
+  gptq (true): GPTQ on the quantized columns; false: round them to nearest;
+  percdamp (0.01), blocksize (128), actorder (false), static_groups (false): GPTQ's keys.
 """
 
 from __future__ import annotations
@@ -30,19 +34,19 @@ import logging
 import math
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from llmc.config.schema import QuantSection
 from llmc.errors import ConfigError
 from llmc.methods.base import QuantMethod, register_method
 from llmc.pipeline.blockwise import BlockContext
-from llmc.quant.outliers import outlier_export_refusal, wrap_by_group
+from llmc.quant.outliers import OutlierGptqKeys, gptq_by_group, outlier_export_refusal, wrap_by_group
 
 log = logging.getLogger("llmc")
 
 
-class OwqSpecial(BaseModel):
+class OwqSpecial(OutlierGptqKeys):
     model_config = ConfigDict(extra="forbid")
 
     n_outlier: int = Field(8, ge=0, description="Weak columns kept in float per linear.")
@@ -95,6 +99,7 @@ class OWQ(QuantMethod):
             score = sensitivity(module.weight, wq.fake_quant(module.weight.detach()), 2 * meansq)
             return score.topk(count).indices.sort().values
 
-        counts = wrap_by_group(self, ctx, choose)
+        sp = self.special
+        counts = gptq_by_group(self, ctx, choose, sp) if sp.gptq else wrap_by_group(self, ctx, choose)
         log.info("OWQ block %d: %d weak columns kept in float over %d linears", ctx.index, sum(counts.values()),
                  len(counts))

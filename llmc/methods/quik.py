@@ -9,9 +9,11 @@ the rest of the input per token (`quant.weight.granularity: per_channel`,
 
 Here the features are ranked by their mean squared activation (the squared norm of the feature
 over the real calibration tokens, from one forward of the float block), the same columns for the
-linears of a group that share an input. Differences from the paper: the remaining weights are
-rounded to nearest (the paper runs GPTQ on them); down_proj's int8 option (`int8_down_proj`) is
-not implemented. The layers with float columns cannot be exported to a real-quantized format, nor as
+linears of a group that share an input. As in the paper, the remaining weights are solved by GPTQ
+(Frantar et al., 2022, arXiv:2210.17323) with the float columns out of the sweep
+(`llmc.quant.outliers.gptq_by_group`; then the features are ranked from each group's Hessian, measured
+after the earlier groups are solved), or rounded to nearest with `gptq: false`. Difference from the
+paper: down_proj's int8 option (`int8_down_proj`) is not implemented. The layers with float columns cannot be exported to a real-quantized format, nor as
 dense fake weights when activations are quantized (refused before calibration).
 
 Config keys (the QUIK reference code's and ModelTC/llmc's names): `quant.weight.*`, `quant.act.*`,
@@ -19,6 +21,8 @@ and `quant.special`:
   fp_features (256, >= 0): input features kept in float per linear (at most all of them).
   fp_relative (false): scale fp_features by the linear's input width over the hidden size (the
     width of the block's first group's input), so down_proj keeps proportionally more.
+  gptq (true): GPTQ on the quantized columns; false: round them to nearest.
+  percdamp (0.01), blocksize (128), actorder (false), static_groups (false): GPTQ's keys.
 """
 
 from __future__ import annotations
@@ -26,18 +30,18 @@ from __future__ import annotations
 import logging
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import Tensor, nn
 
 from llmc.config.schema import QuantSection
 from llmc.methods.base import QuantMethod, register_method
 from llmc.pipeline.blockwise import BlockContext
-from llmc.quant.outliers import outlier_export_refusal, wrap_by_group
+from llmc.quant.outliers import OutlierGptqKeys, gptq_by_group, outlier_export_refusal, wrap_by_group
 
 log = logging.getLogger("llmc")
 
 
-class QuikSpecial(BaseModel):
+class QuikSpecial(OutlierGptqKeys):
     model_config = ConfigDict(extra="forbid")
 
     fp_features: int = Field(256, ge=0, description="Input features kept in float per linear.")
@@ -74,5 +78,5 @@ class QUIK(QuantMethod):
             count = round(sp.fp_features * meansq.numel() / hidden) if sp.fp_relative else sp.fp_features
             return top_features(meansq, count)
 
-        counts = wrap_by_group(self, ctx, choose)
+        counts = gptq_by_group(self, ctx, choose, sp) if sp.gptq else wrap_by_group(self, ctx, choose)
         log.info("QUIK block %d: %d float input columns over %d linears", ctx.index, sum(counts.values()), len(counts))

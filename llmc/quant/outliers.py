@@ -10,6 +10,12 @@ token's range, and the per-row / per-token scales are those of the remaining col
 per_group weights the groups stay the contiguous runs of the original columns; QUIK's reference code
 instead moves the outlier columns to the end.)
 
+With `gptq_by_group` (QUIK's and OWQ's `gptq` key, as in both papers) the remaining columns are solved
+by GPTQ instead of rounded: GPTQ runs on the sub-matrix W[:, rest] with the Hessian H[rest][:, rest]
+(the float columns are exact, so they have no error to spread and drop out of the sweep), and the
+layer holds the parameters GPTQ used. Its per_group groups are then those of GPTQ on the sub-matrix,
+contiguous runs of the remaining columns (QUIK's layout), held as the `g_idx` buffer of each column.
+
 The indices are a non-persistent buffer, saved and restored by the resume checkpoint like the scales
 (`llmc.pipeline.checkpoint`, which re-creates this class by name). These mixed layouts have no
 compressed-tensors / AutoAWQ / GPTQ / MLC-LLM format; `export_refusal` refuses them, and the dense
@@ -21,8 +27,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
+from llmc.methods.gptq import gptq_quantize, qdq_elementwise
+from llmc.methods.hessian import group_hessians
 from llmc.pipeline.blockwise import BlockContext
 from llmc.quant.fake_linear import FakeQuantLinear
 
@@ -61,6 +70,12 @@ class OutlierColumnLinear(FakeQuantLinear):
 
     def fake_weight(self) -> Tensor:
         mask = self.column_mask()
+        g_idx = getattr(self, "g_idx", None)
+        if g_idx is not None and self.weight_clip is None:  # per_group params of GPTQ's column groups
+            scale = self.w_scale.view(self.out_features, -1)[:, g_idx]
+            zero = self.w_zero.view(self.out_features, -1)[:, g_idx]
+            quantized = qdq_elementwise(self.weight.float(), scale, zero, self.weight_quantizer).to(self.weight.dtype)
+            return quantized if mask is None else torch.where(mask, self.weight, quantized)
         if mask is None:
             return super().fake_weight()
         wq, weight = self.weight_quantizer, self.weight.masked_fill(mask, 0)
@@ -144,4 +159,55 @@ def wrap_by_group(method, ctx: BlockContext, choose: Choose) -> dict[str, int]:
     for name in ctx.targets:
         if name not in counts:
             wrap_outliers(method, ctx, name, none)
+    return counts
+
+
+class OutlierGptqKeys(BaseModel):
+    """The `quant.special` keys of GPTQ on the quantized columns (GPTQ's names and defaults)."""
+
+    gptq: bool = Field(True, description="Solve the quantized columns with GPTQ instead of rounding them.")
+    percdamp: float = Field(0.01, gt=0, description="GPTQ's damping of diag(H), as a fraction of its mean.")
+    blocksize: int = Field(128, ge=1, description="GPTQ's columns per lazy batch update.")
+    actorder: bool = Field(False, description="GPTQ's columns in order of decreasing diag(H).")
+    static_groups: bool = Field(False, description="GPTQ's per_group params from the weight, up front.")
+
+
+@torch.no_grad()
+def gptq_by_group(method, ctx: BlockContext, choose: Choose, keys: OutlierGptqKeys) -> dict[str, int]:
+    """As `wrap_by_group`, with the quantized columns solved by GPTQ. Groups run in execution order
+    (GPTQ's true_sequential): each group's Hessian is measured with the earlier groups' weights
+    already solved, and its float columns are chosen from the same forward (mean x^2 = diag(H) / 2;
+    `choose` gets no absmax). Returns the count of float columns per linear."""
+    solved: dict[str, tuple] = {}
+    for _, mods in ctx.groups():
+        group = list(mods.items())
+        (hessian,), _ = group_hessians(ctx, [group])
+        n = hessian.shape[0]
+        # no calibration token reached the group (an MoE expert never routed to): the identity Hessian
+        unreached = bool((hessian.diagonal() == 1).all()) and int(torch.count_nonzero(hessian)) == n
+        for name, module in group:
+            if unreached:
+                idx = torch.empty(0, dtype=torch.long, device=hessian.device)
+            else:
+                idx = choose(None, hessian.diagonal() / 2, module).to(hessian.device)
+            rest = torch.ones(n, dtype=torch.bool, device=hessian.device)
+            rest[idx] = False
+            wq = method.weight_quantizer.for_dtype(module.weight.dtype)
+            res = gptq_quantize(module.weight[:, rest.to(module.weight.device)], hessian[rest][:, rest], wq,
+                                keys.blocksize, keys.percdamp, keys.actorder, keys.static_groups)
+            g_idx = torch.zeros(n, dtype=torch.long, device=hessian.device)
+            g_idx[rest] = res.g_idx.to(hessian.device)
+            # Q in place: later groups' Hessians see it, as in GPTQ
+            module.weight[:, rest.to(module.weight.device)] = res.weight.to(module.weight)
+            solved[name] = (idx, res.scale, res.zero, g_idx if wq.granularity == "per_group" else None)
+        del hessian
+    counts: dict[str, int] = {}
+    for name in ctx.targets:
+        idx, scale, zero, g_idx = solved.get(name, (torch.empty(0, dtype=torch.long), None, None, None))
+        fq = wrap_outliers(method, ctx, name, idx)
+        if scale is not None:
+            fq.set_weight_qparams(scale, zero)
+        if g_idx is not None:
+            fq.register_buffer("g_idx", g_idx.to(fq.weight.device), persistent=False)
+        counts[name] = int(idx.numel())
     return counts
