@@ -197,6 +197,12 @@ def run_checkpoint(
             raise ConfigError("--resume needs save.save_path and save.checkpoint: true (checkpoints live beside "
                               "save_path)")
         return None
+    unresumable = [m.name for m in methods if not m.resumable]
+    if unresumable:
+        if resume == "require":
+            raise ConfigError(f"--resume: {unresumable[0]} cannot be resumed from a checkpoint; run without --resume")
+        log.info("no per-block checkpoints: %s cannot be resumed from one", unresumable[0])
+        return None
     return RunCheckpoint(checkpoint_folder(out_path), config_fingerprint(cfg.model_dump(mode="json")))
 
 

@@ -19,6 +19,7 @@ from llmc.errors import ConfigError, ModelError
 from llmc.faults import kill_point
 from llmc.finite import check_block_weights
 from llmc.methods import QuantMethod, get_methods
+from llmc.methods.kvcache import kvcache_method
 from llmc.methods.lifecycle import CompressionMethod, ModelContext
 from llmc.methods.sparse_base import SparseMethod, sparse_method
 from llmc.methods.sparsegpt import is_joint_quantized, join_quant
@@ -36,6 +37,9 @@ def build_methods(cfg: LlmcConfig) -> list[CompressionMethod]:
     methods: list[CompressionMethod] = [sparse_method(cfg.sparse)] if cfg.sparse is not None else []
     if cfg.quant is not None:
         methods.extend(get_methods(cfg.quant))
+        kv = kvcache_method(cfg)  # quant.kvcache: after the block is quantized, on its keys and values
+        if kv is not None:
+            methods.append(kv)
     # SparseGPT's joint mode (sparse.special.joint_quant) quantizes the quant section's targets itself.
     join_quant(methods, lambda ctx: quant_targets(cfg, ctx.adapter, ctx.block, ctx.index))
     final = quantizing_method(methods)

@@ -85,6 +85,7 @@ VALID: dict[str, list] = {
     "ignored_layers": [{}, {"block_ids": ["0-1"]}],
     "overrides": [[], [{"role": "mlp_out", "weight": {"bit": 8}}], [{"regex": "mlp.down_proj", "do_quant": False}]],
     "auto_scheme": [None, {"bits_per_weight": 3.5, "bits": [3, 4]}],
+    "kvcache": [None, {}, {"method": "Kivi", "bit": 2}, {"quant_type": "float-quant", "granularity": "per_head"}],
     "moe_all_experts": [True, False], "moe_min_tokens": [0, 128],
     "sparsity": [None, 0.5, 0.0], "pattern": ["unstructured", "2:4", "4:8"], "layer_sparsity": [None, [0.5], "owl"],
     "owl_lambda": [0.08], "owl_m": [5.0], "n_prune_layers": [None, 1, 4], "sparsity_out": [None, True, False],

@@ -433,6 +433,45 @@ class AutoScheme(Section):
         return self
 
 
+class KVCacheSection(Section):
+    """Fake quantization of the keys and values attention caches (the k/v projections' outputs)."""
+
+    method: Literal["Naive", "Kivi"] = Field(
+        "Naive", description="Naive: static scales calibrated on the calibration data (per_tensor or per_head); "
+        "Kivi: dynamic, asymmetric, keys per channel (over groups of group_size tokens), values per token.")
+    quant_type: Literal["int-quant", "float-quant"] = Field("int-quant", description="int-quant or float-quant "
+                                                            "(FP8, with bit: e4m3; Naive only).")
+    bit: Bit = Field(8, description="Integer bits 2..8 (int-quant) or e4m3 (float-quant).")
+    symmetric: bool = Field(True, description="Symmetric range; default true for Naive, false for Kivi.")
+    granularity: Literal["per_tensor", "per_head"] | None = Field(
+        None, description="Naive: one static scale per layer (per_tensor, the default) or per head (per_head); "
+        "Kivi fixes its own (keys per_channel, values per_token).")
+    group_size: int = Field(-1, description="Kivi: tokens per key group (-1: the whole sequence).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        data = _float_quant_defaults(data)
+        if isinstance(data, dict) and data.get("symmetric") is None:
+            data = {**data, "symmetric": data.get("method", "Naive") != "Kivi"}
+        if isinstance(data, dict) and data.get("method", "Naive") != "Kivi" and data.get("granularity") is None:
+            data = {**data, "granularity": "per_tensor"}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> KVCacheSection:
+        _check_quant_type(self.quant_type, self.bit, self.symmetric)
+        if self.method == "Kivi":
+            if self.quant_type != "int-quant":
+                raise ValueError("kvcache method Kivi is integer quantization; set quant_type: int-quant")
+            if self.granularity is not None:
+                raise ValueError("kvcache method Kivi quantizes keys per channel and values per token; "
+                                 "remove granularity")
+        if self.group_size == 0 or self.group_size < -1:
+            raise ValueError(f"kvcache.group_size {self.group_size} must be -1 or >= 1")
+        return self
+
+
 class QuantSection(Section):
     """The compression method and its quantization settings."""
 
@@ -457,6 +496,9 @@ class QuantSection(Section):
     auto_scheme: AutoScheme | None = Field(
         None, description="Choose each linear's weight bits from measured sensitivity under a bits-per-weight "
         "budget: {bits_per_weight: 3.5, bits: [3, 4]}; linears an override sets bits for keep them.")
+    kvcache: KVCacheSection | None = Field(
+        None, description="Quantize the KV cache (the k/v projections' outputs): {method: Naive, bit: 8} "
+        "(static per_tensor/per_head, int or FP8 e4m3) or {method: Kivi, bit: 2}.")
 
     @property
     def methods(self) -> list[str]:

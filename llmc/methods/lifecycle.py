@@ -48,6 +48,8 @@ class CompressionMethod:
     name: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
     needs_calibration: ClassVar[bool] = True
+    resumable: ClassVar[bool] = True
+    """Whether a run with this method can resume from per-block checkpoints (else it runs without them)."""
     state_attrs: ClassVar[tuple[str, ...]] = ("stage_seconds",)
     """Attributes (JSON-able: numbers, strings, lists, dicts) that carry the method's state from one
     block to the next; a resumed run gets them back from the checkpoint (`llmc.pipeline.checkpoint`)."""

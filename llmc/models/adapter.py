@@ -80,6 +80,8 @@ class BlockRoles:
     """Linears reading the attention norm's output: q, k, v (or a fused qkv)."""
     attn_v: str | None = None
     """The linear producing values (the fused qkv where there is one)."""
+    attn_k: str | None = None
+    """The linear producing keys alone (None where keys come from a fused qkv): KV-cache quantization."""
     attn_out: tuple[str, ...] = ()
     """The attention's output projection."""
     mlp_norm: str | None = None

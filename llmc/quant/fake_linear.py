@@ -210,10 +210,12 @@ def fake_quant_modules(model: nn.Module) -> list[tuple[str, FakeQuantLinear]]:
 
 
 class quant_disabled:
-    """Inside this context every FakeQuantLinear of `model` computes in float."""
+    """Inside this context every fake quantizer of `model` computes in float: the FakeQuantLinears and any
+    other module that marks itself `fake_quant_module = True` and honours `enabled` (the KV-cache quantizers)."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.modules = [m for _, m in fake_quant_modules(model)]
+        self.modules = [m for m in model.modules()
+                        if isinstance(m, FakeQuantLinear) or getattr(m, "fake_quant_module", False)]
 
     def __enter__(self) -> None:
         self.saved = [m.enabled for m in self.modules]

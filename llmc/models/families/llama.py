@@ -22,6 +22,7 @@ def llama_block_roles(mlp_norm: str = "post_attention_layernorm") -> BlockRoles:
     return BlockRoles(
         attn_norm="input_layernorm",
         attn_in=QKV,
+        attn_k="self_attn.k_proj",
         attn_v="self_attn.v_proj",
         attn_out=("self_attn.o_proj",),
         mlp_norm=mlp_norm,
