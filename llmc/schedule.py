@@ -90,6 +90,8 @@ def resolve_block_out(cfg: LlmcConfig, methods: list[CompressionMethod]) -> bool
 
 def check_methods(cfg: LlmcConfig, methods: list[CompressionMethod], model: nn.Module, adapter: ModelAdapter) -> None:
     """Checks a method can make from the loaded model's shapes, before any calibration."""
+    for method in methods:
+        method.check_adapter(adapter)
     check_ignored_layers(cfg, model, adapter)  # ignored_layers names that match nothing in the model
     check_overrides(cfg.quant, model, adapter)  # quant.overrides entries that match nothing
     blocks = adapter.get_blocks(model)

@@ -153,8 +153,14 @@ def test_perplexity_8bit_close_kivi_2bit_worse(tiny_llama_dir):
     assert kivi2 > int8 * 1.001
 
 
-def test_errors(tiny_opt_dir, tiny_llama_dir, tmp_path):
-    with pytest.raises(ModelError, match="attn_k"):
+def test_errors(tiny_opt_dir, tiny_llama_dir, tmp_path, monkeypatch):
+    import llmc.runner
+
+    def no_eval(*_a, **_k):
+        raise AssertionError("evaluated before refusing")
+
+    with monkeypatch.context() as m, pytest.raises(ModelError, match="attn_k"):  # refused before any evaluation
+        m.setattr(llmc.runner, "evaluate_perplexity", no_eval)
         compress(tiny_config(tiny_opt_dir, quant={"method": "RTN", "weight": W8, "kvcache": {}}), progress=False)
     cfg = tiny_config(tiny_llama_dir, quant={"method": "RTN", "weight": W8, "kvcache": {}},
                       save={"save_vllm": True, "save_path": str(tmp_path / "o")})

@@ -38,6 +38,7 @@ import torch
 from llmc.config.schema import SAVE_FLAGS, KVCacheSection, LlmcConfig
 from llmc.errors import ConfigError, ModelError
 from llmc.methods.lifecycle import CompressionMethod
+from llmc.models.adapter import ModelAdapter
 from llmc.pipeline.blockwise import BlockContext
 from llmc.quant.fp8 import FP8Quantizer
 from llmc.quant.kvcache import KVFakeQuant, attach
@@ -74,10 +75,17 @@ class KVCacheQuant(CompressionMethod):
     def granularities(self) -> tuple[str, str]:
         return (self.kv.granularity, self.kv.granularity) if self.static else ("per_channel", "per_token")
 
+    def check_adapter(self, adapter: ModelAdapter) -> None:
+        self.projections_of(adapter)
+
     def projections(self, ctx: BlockContext) -> tuple[str, str]:
-        roles = ctx.adapter.block_roles
+        return self.projections_of(ctx.adapter)
+
+    @staticmethod
+    def projections_of(adapter: ModelAdapter) -> tuple[str, str]:
+        roles = adapter.block_roles
         if roles is None or roles.attn_k is None or roles.attn_v is None:
-            raise ModelError(f"quant.kvcache needs separate key and value projections, which the {ctx.adapter.name} "
+            raise ModelError(f"quant.kvcache needs separate key and value projections, which the {adapter.name} "
                              "adapter does not declare (BlockRoles.attn_k); remove quant.kvcache")
         return roles.attn_k, roles.attn_v
 

@@ -71,6 +71,10 @@ class CompressionMethod:
     def uses_calibration(self) -> bool:
         return self.needs_calibration
 
+    def check_adapter(self, adapter: ModelAdapter) -> None:
+        """Refuse, with one line, a model whose adapter lacks what the method needs (after loading, before
+        any evaluation or calibration)."""
+
     def prepare_model(self, mctx: ModelContext) -> None:
         """Model-level step before the block inputs are captured."""
 
