@@ -83,6 +83,9 @@ class QuantMethod(CompressionMethod):
                 f"quant.weight.calib_algo learnable needs a method that trains the clipping ({trainers}); "
                 f"{self.name} does not: use minmax, mse or percentile"
             )
+        if quant.weight.calib_algo == "learnable" and final and getattr(self.special, "lwc", True) is False:
+            raise ConfigError(f"quant.weight.calib_algo learnable needs quant.special.lwc: true for {self.name}; "
+                              "set lwc: true or calib_algo: minmax")
         if (quant.overrides or quant.auto_scheme) and final and not self.module_schemes:
             mixed = ", ".join(sorted(c.name for c in set(METHODS.values()) if c.module_schemes))
             raise ConfigError(f"quant.overrides / quant.auto_scheme: {self.name} quantizes every linear with one "

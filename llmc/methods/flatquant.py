@@ -113,9 +113,6 @@ class FlatQuant(QuantMethod):
         if quant.act is not None and quant.act.static:
             raise ConfigError("FlatQuant trains with dynamic activation ranges; set quant.act.static: false "
                               "(granularity per_token)")
-        if quant.weight.calib_algo == "learnable" and not self.special.lwc:
-            raise ConfigError("quant.weight.calib_algo learnable needs quant.special.lwc: true for "
-                              "FlatQuant; set lwc: true or calib_algo: minmax")
         self.seed = 42
         self.epoch_losses: dict[int, list[float]] = {}
         """Per block, the mean training loss of every epoch (MSE against the float block's output)."""

@@ -28,10 +28,9 @@ import logging
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmc.config.schema import QuantSection
-from llmc.methods.base import QuantMethod, register_method
+from llmc.methods.base import register_method
 from llmc.pipeline.blockwise import BlockContext
-from llmc.quant.outliers import outlier_export_refusal, wrap_by_group
+from llmc.quant.outliers import OutlierColumnMethod, wrap_by_group
 
 log = logging.getLogger("llmc")
 
@@ -43,18 +42,10 @@ class LlmInt8Special(BaseModel):
 
 
 @register_method
-class LlmInt8(QuantMethod):
+class LlmInt8(OutlierColumnMethod):
     name = "LlmInt8"
-    quantizes_only = True
     aliases = ("LLM.int8()",)
     Special = LlmInt8Special
-    needs_calibration = True
-
-    def __init__(self, quant: QuantSection, special: dict | None = None, final: bool = True) -> None:
-        super().__init__(quant, special, final)
-
-    def export_refusal(self, save_flags: list[str]) -> str | None:
-        return outlier_export_refusal(self.name, save_flags, self.quant.act is not None)
 
     def process_block(self, ctx: BlockContext) -> None:
         threshold = self.special.threshold

@@ -96,8 +96,6 @@ class OmniQuant(QuantMethod):
         weight_act = quant.act is not None
         self.let = weight_act if sp.let is None else sp.let
         self.use_shift = self.let and (weight_act if sp.use_shift is None else sp.use_shift)
-        if quant.weight.calib_algo == "learnable" and not sp.lwc:
-            raise ConfigError("quant.weight.calib_algo learnable needs quant.special.lwc: true; or use minmax")
         if sp.epochs and not (sp.lwc or self.let):
             raise ConfigError(
                 f"quant.special.epochs {sp.epochs} trains nothing with lwc and let both false; "

@@ -39,9 +39,14 @@ from torch import Tensor, nn
 
 from llmc.config.schema import QuantSection
 from llmc.errors import ConfigError
-from llmc.methods.base import QuantMethod, register_method
+from llmc.methods.base import register_method
 from llmc.pipeline.blockwise import BlockContext
-from llmc.quant.outliers import OutlierGptqKeys, gptq_by_group, outlier_export_refusal, wrap_by_group
+from llmc.quant.outliers import (
+    OutlierColumnMethod,
+    OutlierGptqKeys,
+    gptq_by_group,
+    wrap_by_group,
+)
 
 log = logging.getLogger("llmc")
 
@@ -67,11 +72,9 @@ def sensitivity(weight: Tensor, quantized: Tensor, hessian_diag: Tensor) -> Tens
 
 
 @register_method
-class OWQ(QuantMethod):
+class OWQ(OutlierColumnMethod):
     name = "OWQ"
-    quantizes_only = True
     Special = OwqSpecial
-    needs_calibration = True
 
     def __init__(self, quant: QuantSection, special: dict | None = None, final: bool = True) -> None:
         super().__init__(quant, special, final)
@@ -79,9 +82,6 @@ class OWQ(QuantMethod):
         if target is not None and not bit < target <= 16:
             raise ConfigError(f"OWQ quant.special.target_bit {target} must lie between quant.weight.bit ({bit}) "
                               f"and 16; e.g. {bit}.01")
-
-    def export_refusal(self, save_flags: list[str]) -> str | None:
-        return outlier_export_refusal(self.name, save_flags, self.quant.act is not None)
 
     def columns(self, in_features: int) -> int:
         sp = self.special

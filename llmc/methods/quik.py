@@ -33,10 +33,14 @@ import torch
 from pydantic import ConfigDict, Field
 from torch import Tensor, nn
 
-from llmc.config.schema import QuantSection
-from llmc.methods.base import QuantMethod, register_method
+from llmc.methods.base import register_method
 from llmc.pipeline.blockwise import BlockContext
-from llmc.quant.outliers import OutlierGptqKeys, gptq_by_group, outlier_export_refusal, wrap_by_group
+from llmc.quant.outliers import (
+    OutlierColumnMethod,
+    OutlierGptqKeys,
+    gptq_by_group,
+    wrap_by_group,
+)
 
 log = logging.getLogger("llmc")
 
@@ -57,17 +61,9 @@ def top_features(meansq: Tensor, count: int) -> Tensor:
 
 
 @register_method
-class QUIK(QuantMethod):
+class QUIK(OutlierColumnMethod):
     name = "QUIK"
-    quantizes_only = True
     Special = QuikSpecial
-    needs_calibration = True
-
-    def __init__(self, quant: QuantSection, special: dict | None = None, final: bool = True) -> None:
-        super().__init__(quant, special, final)
-
-    def export_refusal(self, save_flags: list[str]) -> str | None:
-        return outlier_export_refusal(self.name, save_flags, self.quant.act is not None)
 
     def process_block(self, ctx: BlockContext) -> None:
         sp = self.special

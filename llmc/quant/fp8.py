@@ -26,6 +26,14 @@ def ste(q: Tensor, x: Tensor) -> Tensor:
     return (q - x).detach() + x
 
 
+def e4m3_params(xmin: Tensor, xmax: Tensor, scale_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    """Scale (`absmax / 448`, representable in `scale_dtype`) and an all-zero zero point, both `[rows, 1]` float32."""
+    absmax = torch.maximum(xmax.float(), -xmin.float()).clamp(min=0)
+    scale = (absmax / FP8_E4M3_MAX).clamp(min=torch.finfo(torch.float32).tiny * 1e3)
+    scale = representable_scale(scale, scale_dtype)
+    return scale, torch.zeros_like(scale)
+
+
 @dataclass(frozen=True)
 class FP8Quantizer(QuantizerCommon):
     granularity: str
@@ -68,11 +76,7 @@ class FP8Quantizer(QuantizerCommon):
         return rows.reshape(shape)
 
     def params_from_range(self, xmin: Tensor, xmax: Tensor) -> tuple[Tensor, Tensor]:
-        """Scale (`absmax / 448`) and an all-zero zero point, both `[rows, 1]` float32."""
-        absmax = torch.maximum(xmax.float(), -xmin.float()).clamp(min=0)
-        scale = (absmax / FP8_E4M3_MAX).clamp(min=torch.finfo(torch.float32).tiny * 1e3)
-        scale = representable_scale(scale, self.scale_dtype)
-        return scale, torch.zeros_like(scale)
+        return e4m3_params(xmin, xmax, self.scale_dtype)
 
     def _codes(self, rows: Tensor, scale: Tensor) -> Tensor:
         return (rows / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE)

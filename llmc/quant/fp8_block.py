@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llmc.quant.fp8 import FP8_DTYPE, FP8_E4M3_MAX
+from llmc.quant.fp8 import FP8_DTYPE, FP8_E4M3_MAX, e4m3_params
 from llmc.quant.microscaling import group_rows, round_element_ste, ungroup_rows
-from llmc.quant.quantizer import QuantizerCommon, representable_scale
+from llmc.quant.quantizer import QuantizerCommon
 
 
 @dataclass(frozen=True)
@@ -74,11 +74,7 @@ class FP8BlockQuantizer(QuantizerCommon):
         return rows.reshape(nr, nc, b, b).transpose(1, 2).reshape(nr * b, nc * b)[: shape[0], : shape[1]]
 
     def params_from_range(self, xmin: Tensor, xmax: Tensor) -> tuple[Tensor, Tensor]:
-        """Scale (`absmax / 448`) and an all-zero zero point, both `[rows, 1]` float32."""
-        absmax = torch.maximum(xmax.float(), -xmin.float()).clamp(min=0)
-        scale = (absmax / FP8_E4M3_MAX).clamp(min=torch.finfo(torch.float32).tiny * 1e3)
-        scale = representable_scale(scale, self.scale_dtype)
-        return scale, torch.zeros_like(scale)
+        return e4m3_params(xmin, xmax, self.scale_dtype)
 
     def _qdq_rows(self, rows: Tensor, scale: Tensor, zero: Tensor | None = None) -> Tensor:
         return round_element_ste((rows / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX), "e4m3") * scale

@@ -30,6 +30,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
+from llmc.methods.base import QuantMethod
 from llmc.methods.gptq import gptq_quantize, qdq_elementwise
 from llmc.methods.hessian import group_hessians
 from llmc.pipeline.blockwise import BlockContext
@@ -107,6 +108,16 @@ def outlier_export_refusal(method: str, save_flags: list[str], act_quantized: bo
                     f"weight (save_fake) cannot reproduce with quantized activations; remove save.save_fake "
                     f"or quant.act")
     return None
+
+
+class OutlierColumnMethod(QuantMethod):
+    """What LLM.int8(), QUIK and OWQ share: calibrated, the quantizing method, no packed export format."""
+
+    quantizes_only = True
+    needs_calibration = True
+
+    def export_refusal(self, save_flags: list[str]) -> str | None:
+        return outlier_export_refusal(self.name, save_flags, self.quant.act is not None)
 
 
 @torch.no_grad()
