@@ -132,7 +132,8 @@ def rotations_plan() -> list[tuple[str, str, dict]]:
                                              "weight": {**WEIGHT_ONLY[w3], "calib_algo": "learnable"}}}))
     add(w3, "GPTQ", GPTQ_SPECIAL)
     # llmc's default ntweak_lr (1e-6) barely moves fp32 norms; the paper grid-searches the rate.
-    add(w3, ["GPTQ", "NormTweaking"], {**gptq_after, "NormTweaking": {"ntweak_lr": [1e-5, 1e-4]}})
+    # 10 epochs (llmc's default 50) fit the device call: 50 epochs x 2 rates did not finish in 170 s.
+    add(w3, ["GPTQ", "NormTweaking"], {**gptq_after, "NormTweaking": {"ntweak_lr": [1e-5, 1e-4], "epochs": 10}})
     return runs
 
 
@@ -204,14 +205,19 @@ ROTATION_NOTES = [
     "- llm-compressor 0.14's SpinQuantModifier also centers the embedding rows before rotating, which is not "
     "function-preserving before an RMSNorm: on a tiny random Llama it moved the float model's logits by 23% "
     "with no quantization (QuIP's rotation: 7e-7).",
-    "- Findings (2026-12-01, code at 834aa2b; the device copy's git metadata reported 78f188c-dirty): "
+    "- Findings (2026-12-01, session 8, code at 834aa2b; the device copy's git metadata reported 78f188c-dirty): "
     "QuaRot+GPTQ W4A4 (60.16) is far below RTN W4A4 (10617), OmniQuant W3 (48.47) below AWQ W3 (55.93), "
-    "OS+ W6A6 (25.21) below SmoothQuant W6A6 (26.44); but QuaRot+GPTQ is above llm-compressor's "
-    "SpinQuant+GPTQ (51.01). Cause found since: compressed-tensors' symmetric scale is absmax / 7.5 at 4 "
-    "bits, llmc's absmax / 7 (`sym_scale: qmax`). With `sym_scale: half_range` on weights and activations, "
-    "QuaRot+GPTQ W4A4 on CPU (32 x 512 calibration tokens, 8 windows) went from 52.72 to 46.67; the "
-    "`W4A4 half-range` rows rerun the comparison on the GPU. FlatQuant's row ran over the call's 540 s limit "
-    "on the H200 (speed fix since) and GPTQ+NormTweaking did not fit the session's device time.",
+    "OS+ W6A6 (25.21) below SmoothQuant W6A6 (26.44); but QuaRot+GPTQ was above llm-compressor's "
+    "SpinQuant+GPTQ (51.01). Cause: compressed-tensors' symmetric scale is absmax / 7.5 at 4 "
+    "bits, llmc's default absmax / 7 (`sym_scale: qmax`).",
+    "- Session 9 (2026-12-01, code at e945dff, shown as e945dff[-dirty]): with the peer's arithmetic "
+    "(`sym_scale: half_range` on weights and activations, the `W4A4 half-range` rows) llmc's QuaRot+GPTQ "
+    "(48.83) is below SpinQuant+GPTQ (51.01) and QuaRot alone (180.6) below SpinQuant with RTN (217.5). "
+    "llm-compressor's QuIP+GPTQ (36.38) is lower than both, at the price of an online Hadamard before every "
+    "linear (210 online transforms against SpinQuant's and QuaRot's 30); FlatQuant, which also transforms "
+    "every linear's input online, reaches 28.07 (27.91 half-range), the lowest W4A4 row, 7.5 above FP32. "
+    "FlatQuant took 179 s on the H200. Command: `bash benchmarks/device_run.sh accuracy --windows 40 "
+    "--table rotations --only ...` (rows in the command line above).",
     "- \"not available\": the method was not registered in llmc when the row ran; \"error\": its run failed "
     "(message shown). `--resume` runs both again (a not-available row once its method is registered).",
 ]
