@@ -4,6 +4,7 @@
     python benchmarks/accuracy.py --windows 40 --only "W4A16 g128"
     python benchmarks/accuracy.py --peer-python .venv-peer/bin/python   # also run llm-compressor
     python benchmarks/accuracy.py --table rotations --only W4A4   # issue 14: rotations, learned transforms
+    python benchmarks/accuracy.py --table formats --only NVFP4A16  # issue 15: outliers, formats, KV cache
 
 Calibration: 128 x 512 tokens from the bundled C4 sample (general preproc, seed 42), never
 the test text. Evaluation: WikiText-2 test, the first `--windows` windows of 2048 tokens
@@ -25,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, peer_run, prepare_files, smollm2_hf_dir  # noqa: E402
+from formats_table import FORMAT_NOTES, formats_plan  # noqa: E402
 
 from llmc import compress  # noqa: E402
 from llmc.config import load_config  # noqa: E402
@@ -221,8 +223,10 @@ ROTATION_NOTES = [
     "- \"not available\": the method was not registered in llmc when the row ran; \"error\": its run failed "
     "(message shown). `--resume` runs both again (a not-available row once its method is registered).",
 ]
-TABLES = {"main": (plan, NOTES, ""), "rotations": (rotations_plan, ROTATION_NOTES,
-                                                   " (issue 14: rotations and learned transforms)")}
+TABLES = {"main": (plan, NOTES, ""),
+          "rotations": (rotations_plan, ROTATION_NOTES, " (issue 14: rotations and learned transforms)"),
+          "formats": (formats_plan, FORMAT_NOTES, " (issue 15: outlier-aware and mixed-precision methods, "
+                                                  "formats, KV cache)")}
 
 
 def unavailable(spec: dict) -> str | None:
@@ -243,7 +247,7 @@ def resolved_quant_out(spec: dict) -> bool:
     spec = llmc_spec(spec)
     if not spec:
         return False
-    cfg = load_config({"model": {"path": "unused"}, **spec})
+    cfg = load_config({"model": {"path": "unused"}, "calib": {"name": "c4"}, **spec})  # calib: static act rows
     return resolve_block_out(cfg, build_methods(cfg))
 
 
@@ -280,7 +284,7 @@ def write(out: Path, header: dict, rows: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n")
     _, notes, title = TABLES[header.get("table", "main")]
-    with_recipe = header.get("table") == "rotations"
+    with_recipe = header.get("table", "main") != "main"
     lines = [
         f"# Accuracy: SmolLM2-135M-Instruct, WikiText-2 perplexity{title}",
         "",
@@ -337,7 +341,7 @@ def run_row(model_dir: Path, args: argparse.Namespace, setting: str, method: str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", choices=sorted(TABLES), default="main",
-                        help="main (weight-only, W8A8/W6A6, sparse) or rotations (issue 14)")
+                        help="main (weight-only, W8A8/W6A6, sparse), rotations (issue 14) or formats (issue 15)")
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--n-samples", type=int, default=128)
     parser.add_argument("--calib-seq-len", type=int, default=512)
@@ -345,7 +349,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--only", default="", help="comma-separated settings or methods to run")
     parser.add_argument("--peer-python", default="", help="python of an environment with llmcompressor")
-    parser.add_argument("--out", default="", help="default benchmarks/results/accuracy_smollm2[_rotations]")
+    parser.add_argument("--out", default="", help="default benchmarks/results/accuracy_smollm2[_<table>]")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--redo", action="store_true", help="with --resume: run the --only rows again")
     parser.add_argument("--render", action="store_true", help="only rewrite <out>.md from <out>.json")
@@ -354,7 +358,7 @@ def main() -> None:
     args = parser.parse_args()
     args.device_name = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
         "cpu" if args.device == "auto" else args.device)
-    out = Path(args.out or "benchmarks/results/accuracy_smollm2" + ("" if args.table == "main" else "_rotations"))
+    out = Path(args.out or "benchmarks/results/accuracy_smollm2" + ("" if args.table == "main" else f"_{args.table}"))
     if args.render:
         data = json.loads(out.with_suffix(".json").read_text())
         write(out, {k: v for k, v in data.items() if k != "rows"}, data["rows"])

@@ -78,7 +78,9 @@ def peer_run(model_dir: Path, args: argparse.Namespace, files: dict, setting: st
     if sparse:
         cmd += ["--sparse-method", sparse["method"], "--sparsity", str(sparse["weight"].get("sparsity", 0.5)),
                 "--mask-structure", sparse["weight"].get("pattern", "0:0").replace("unstructured", "0:0")]
-    if quant:
+    if quant and peer.get("preset"):  # a compressed-tensors preset scheme (NVFP4A16, MXFP4A16, ...)
+        cmd += ["--method", peer.get("method", quant["method"]), "--preset", peer["preset"]]
+    elif quant:
         weight, act = quant["weight"], quant.get("act")
         peer_method = peer.get("method", quant["method"])
         cmd += ["--method", peer_method, "--bits", str(weight["bit"]), "--group-size", str(weight["group_size"])]

@@ -6,6 +6,7 @@ compressed-tensors); `benchmarks/accuracy.py` calls it as a subprocess:
     .venv-peer/bin/python benchmarks/peer_llmcompressor.py --model DIR --calib calib.pt \
         --windows windows.pt --method GPTQ --bits 4 --group-size 128 [--asym] [--act-bits 8] \
         [--transform QuIP|SpinQuant]
+    .venv-peer/bin/python benchmarks/peer_llmcompressor.py ... --method GPTQ --preset NVFP4A16
 
 Prints one JSON line: {"ppl", "quantize_s", "versions", ...}. Perplexity is computed with
 llmc's own evaluator (same protocol, same windows) on the model llm-compressor leaves in
@@ -26,8 +27,10 @@ import torch
 
 
 def scheme(args: argparse.Namespace):
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme, preset_name_to_scheme
 
+    if args.preset:  # compressed-tensors' own scheme of that name (NVFP4A16, NVFP4, MXFP4A16, ...)
+        return {"group_0": preset_name_to_scheme(args.preset, ["Linear"])}
     grouped = args.group_size > 0
     weights = QuantizationArgs(
         num_bits=args.bits, type="int", symmetric=not args.asym,
@@ -63,7 +66,8 @@ def apply_quantization(model: torch.nn.Module, fired: set[str] | None = None) ->
         if scheme.weights is not None:
             with torch.no_grad():  # the model is dispatched: writes go through its offload cache
                 update_offload_parameter(module, "weight", fake_quantize(
-                    module.weight, module.weight_scale, getattr(module, "weight_zero_point", None), scheme.weights))
+                    module.weight, module.weight_scale, getattr(module, "weight_zero_point", None), scheme.weights,
+                    global_scale=getattr(module, "weight_global_scale", None)))  # NVFP4's per-tensor scale
         if scheme.input_activations is not None:
             def quantize_input(m, inputs, a=scheme.input_activations, name=name):
                 fired.add(name)
@@ -184,8 +188,9 @@ def quant_recipe(args: argparse.Namespace) -> list:
 
     groups = scheme(args)
     if args.method == "GPTQ":
+        # A preset row runs GPTQ without act-order, as llmc's side of the formats table.
         return [GPTQModifier(config_groups=groups, ignore=["lm_head"], block_size=128, dampening_frac=0.01,
-                             actorder=args.actorder)]
+                             actorder=None if args.preset else args.actorder)]
     if args.method == "AWQ":
         # In llm-compressor 0.14 AWQ only transforms; a quantization modifier must follow it.
         return [AWQModifier(n_grid=20), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
@@ -213,6 +218,7 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--actorder", default=None)
     parser.add_argument("--transform", default=None, choices=["QuIP", "SpinQuant"])
+    parser.add_argument("--preset", default=None, help="compressed-tensors preset scheme, e.g. NVFP4A16, MXFP4A16")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 

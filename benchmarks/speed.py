@@ -53,6 +53,9 @@ QUANT_RUNS = {
     "quarot_gptq_w4a4": {"method": ["QuaRot", "GPTQ"], **W4A4},
     "omniquant_w3": {"method": "OmniQuant", "weight": {**W4G128, "bit": 3, "calib_algo": "learnable"}},
     "flatquant_w4a4": {"method": "FlatQuant", **W4A4},
+    "gptq_nvfp4": {"method": "GPTQ", "weight": {"quant_type": "nvfp4"}},
+    "gptq_mxfp4": {"method": "GPTQ", "weight": {"quant_type": "mxfp4"}},
+    "spqr_w3": {"method": "SpQR", "weight": {**W4G128, "bit": 3, "group_size": 16}},
 }
 RUNS = {name: {"quant": quant} for name, quant in QUANT_RUNS.items()} | {
     "sparsegpt24": {"sparse": {"method": "SparseGPT", "weight": {"sparsity": 0.5, "pattern": "2:4"}}},

@@ -93,10 +93,19 @@ def test_rotations_table_renders_every_kind_of_row(tmp_path):
     assert json.loads((tmp_path / "t.json").read_text())["rows"] == rows
 
 
-@pytest.mark.parametrize("table", ["main", "rotations"])
+@pytest.mark.parametrize("table", ["main", "rotations", "formats"])
 def test_every_table_starts_with_the_float_row(table):
     plan = accuracy.TABLES[table][0]()
     assert plan[0] == ("FP32", "FP", {})
+    assert len({(setting, method) for setting, method, _ in plan}) == len(plan)  # rows are keyed by these
+
+
+@pytest.mark.parametrize("table", ["rotations", "formats"])
+def test_every_llmc_row_loads_and_builds_its_methods(table):
+    """A bad key or a refused combination fails here, not after minutes of device time."""
+    for setting, method, spec in accuracy.TABLES[table][0]()[1:]:
+        if accuracy.unavailable(spec) is None:
+            accuracy.resolved_quant_out(spec)  # load_config + build_methods
 
 
 def test_resume_reruns_missing_llmc_rows_and_keeps_the_peer(tmp_path, monkeypatch):

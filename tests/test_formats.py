@@ -313,10 +313,13 @@ def test_config_errors_are_one_line(tiny_llama_dir, weight, act, words):
         assert word in msg, msg
 
 
-@pytest.mark.parametrize("method", ["GPTQ", "AWQ"])
-def test_methods_without_float_formats_refuse_them(method):
-    quant = QuantSection(method=method, weight=NVFP4)
-    with pytest.raises(ConfigError, match=f"{method} does not support quant_type: nvfp4.*RTN"):
+@pytest.mark.parametrize("method,weight,words", [
+    ("AWQ", NVFP4, "AWQ does not support quant_type: nvfp4.*RTN"),
+    ("GPTQ", FP8_BLOCK_W, "GPTQ does not support quant_type: float-quant.*RTN.*nvfp4"),  # GPTQ does nvfp4/mx
+])
+def test_methods_without_float_formats_refuse_them(method, weight, words):
+    quant = QuantSection(method=method, weight=weight)
+    with pytest.raises(ConfigError, match=words):
         get_methods(quant)
 
 

@@ -183,3 +183,144 @@ def test_transformed_runs_the_cache_in_float_and_a_saved_run_skips_checkpoints(t
     assert result.ppl("fake_quant") > result.ppl("pretrain") * 1.001
     assert json.loads((tmp_path / "o" / "results.json").read_text())["resumed_after_block"] is None
     assert not list(tmp_path.glob(".o.llmc-resume*"))
+
+
+# ---- keys after RoPE, and the compressed-tensors export of their scales --------------------------
+
+FP8_KV = {"quant_type": "float-quant", "bit": "e4m3"}
+
+
+def _fp8_qdq(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE).float() * scale
+
+
+def _rope_keys(model, layer: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k_proj's output as [batch, kv_heads, tokens, head_dim], the same keys after RoPE) of one layer."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn = model.model.layers[layer].self_attn
+    seen = []
+    handle = attn.k_proj.register_forward_hook(lambda m, a, o: seen.append(o))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    b, t = ids.shape
+    k = seen[0].reshape(b, t, -1, attn.head_dim).transpose(1, 2)
+    cos, sin = model.model.rotary_emb(k, torch.arange(t)[None].expand(b, t))
+    return k, apply_rotary_pos_emb(k, k, cos, sin)[1]
+
+
+def test_post_rope_cache_holds_fake_quant_of_rotated_keys(tiny_llama_dir):
+    from transformers import DynamicCache
+
+    quant = {"method": "RTN", "weight": W8, "kvcache": {**FP8_KV, "post_rope": True}}
+    model = compress(tiny_config(tiny_llama_dir, quant=quant), progress=False).model
+    attn = model.model.layers[1].self_attn
+    assert not hasattr(attn.k_proj, "kv_quant")  # nothing quantized before RoPE
+    scale = attn.kv_cache_quant.key.scale.flatten()
+    ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    k, rotated = _rope_keys(model, 1, ids)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+    stored = cache.layers[1].keys  # what the attention handed its (real) cache
+    assert torch.allclose(stored, _fp8_qdq(rotated, scale), atol=1e-6)
+    assert not torch.allclose(stored, rotated, atol=1e-4)
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    cos, sin = model.model.rotary_emb(k, torch.arange(24)[None].expand(2, 24))
+    rope_of_quantized = apply_rotary_pos_emb(k, _fp8_qdq(k, scale), cos, sin)[1]
+    assert not torch.allclose(stored, rope_of_quantized, atol=1e-4)  # quantized after RoPE, not before
+
+
+def test_post_rope_scales_are_calibrated_on_rotated_keys(tiny_llama_dir):
+    from transformers import DynamicCache
+
+    cfg = load_config(tiny_config(tiny_llama_dir, quant={"method": "RTN", "weight": W8, "kvcache": {
+        **FP8_KV, "granularity": "per_head", "post_rope": True}}))
+    model, adapter = _tiny(tiny_llama_dir)
+    ids = torch.randint(3, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    keys, pre = [], []
+    for i in (0, 2):
+        cache = DynamicCache(config=model.config)
+        k, _ = _rope_keys(model, 0, ids[i:i + 2])
+        with torch.no_grad():
+            model(ids[i:i + 2], cache=cache, use_cache=True)
+        keys.append(cache.layers[0].keys)
+        pre.append(k)
+    batches = [{"input_ids": ids[i:i + 2], "attention_mask": None} for i in (0, 2)]
+    compress_batches(cfg, model, adapter, [KVCacheQuant(cfg.quant.kvcache, post_rope=True)], CPU, batches,
+                     progress=False)
+    scale = model.model.layers[0].self_attn.kv_cache_quant.key.scale.flatten()
+    assert torch.allclose(scale, torch.cat(keys).abs().amax(dim=(0, 2, 3)) / FP8_E4M3_MAX, rtol=1e-6)
+    assert not torch.allclose(scale, torch.cat(pre).abs().amax(dim=(0, 2, 3)) / FP8_E4M3_MAX, rtol=1e-3)
+
+
+def _export(model_dir, out, kvcache, key="save_vllm"):
+    quant = {"method": "RTN", "weight": W8, "kvcache": kvcache}
+    cfg = tiny_config(model_dir, quant=quant, save={key: True, "save_path": str(out)})
+    del cfg["eval"]
+    return compress(cfg, progress=False)
+
+
+@pytest.mark.parametrize("granularity,strategy", [("per_tensor", "tensor"), ("per_head", "attn_head")])
+def test_export_writes_kv_cache_scheme_and_calibrated_scales(tiny_llama_dir, tmp_path, granularity, strategy):
+    import json
+
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.quantization.lifecycle.initialize import initialize_qparams
+    from safetensors.torch import load_file
+
+    result = _export(tiny_llama_dir, tmp_path / "o", {**FP8_KV, "granularity": granularity})
+    folder = tmp_path / "o" / "vllm_quant_model"
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    scheme = qc["kv_cache_scheme"]
+    assert {k: scheme[k] for k in ("num_bits", "type", "strategy", "symmetric", "dynamic")} == {
+        "num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": False}
+    args = QuantizationConfig.model_validate(qc).kv_cache_scheme  # as compressed-tensors parses it
+    assert args.strategy == strategy and args.type == "float" and args.num_bits == 8
+    state = load_file(folder / "model.safetensors")
+    cfg = result.model.config
+    layers = result.model.model.layers
+    assert sum(k.endswith(("k_scale", "v_scale")) for k in state) == 2 * len(layers)
+    for i, layer in enumerate(layers):
+        quant = layer.self_attn.kv_cache_quant
+        for name, fq in (("k_scale", quant.key), ("v_scale", quant.value)):
+            saved = state[f"model.layers.{i}.self_attn.{name}"]
+            # the shape and dtype compressed-tensors itself gives the parameter it loads this into
+            probe = torch.nn.Module()
+            initialize_qparams(probe, name[0], args, observed_shape=(cfg.num_key_value_heads, None, cfg.head_dim),
+                               observed_dtype=torch.float32, force_zero_point=False)
+            assert saved.shape == getattr(probe, name).shape and saved.dtype == getattr(probe, name).dtype
+            assert torch.equal(saved.flatten(), fq.scale.flatten())
+    assert len(torch.unique(state["model.layers.0.self_attn.k_scale"])) == (1 if granularity == "per_tensor" else 2)
+
+
+@pytest.mark.parametrize("kvcache,text", [
+    ({"method": "Kivi", "bit": 2}, "Kivi"),
+    ({"bit": 8}, "FP8 only"),
+    ({**FP8_KV, "post_rope": False}, "post_rope"),
+])
+def test_export_refusals_are_one_line(tiny_llama_dir, tmp_path, kvcache, text):
+    with pytest.raises(ConfigError, match=text) as err:
+        _export(tiny_llama_dir, tmp_path / "o", kvcache, key="save_sgl")
+    assert str(err.value).startswith("save.save_sgl: ") and "\n" not in str(err.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_other_formats_refuse_the_cache(tiny_llama_dir, tmp_path):
+    with pytest.raises(ConfigError, match="save.save_fake does not carry") as err:
+        _export(tiny_llama_dir, tmp_path / "o", FP8_KV, key="save_fake")
+    assert "\n" not in str(err.value)
+
+
+def test_post_rope_defaults():
+    from llmc.methods.kvcache import kvcache_method
+
+    def method(save, **kv):
+        cfg = load_config({"model": {"path": "unused"}, "quant": {"method": "RTN", "weight": W8, "kvcache": kv},
+                           "save": {**save, "save_path": "/tmp/unused"} if save else {}})
+        return kvcache_method(cfg)
+
+    assert not method({}).post_rope and method({}, post_rope=True).post_rope
+    assert method({"save_vllm": True}, **FP8_KV).post_rope

@@ -434,7 +434,7 @@ class AutoScheme(Section):
 
 
 class KVCacheSection(Section):
-    """Fake quantization of the keys and values attention caches (the k/v projections' outputs)."""
+    """Fake quantization of the keys and values attention caches (before or after RoPE)."""
 
     method: Literal["Naive", "Kivi"] = Field(
         "Naive", description="Naive: static scales calibrated on the calibration data (per_tensor or per_head); "
@@ -447,6 +447,9 @@ class KVCacheSection(Section):
         None, description="Naive: one static scale per layer (per_tensor, the default) or per head (per_head); "
         "Kivi fixes its own (keys per_channel, values per_token).")
     group_size: int = Field(-1, description="Kivi: tokens per key group (-1: the whole sequence).")
+    post_rope: bool | None = Field(
+        None, description="Quantize the keys after RoPE, as the attention hands them to its cache (what vLLM's "
+        "k_scale scales), rather than k_proj's output; default: true with save_vllm / save_sgl, else false.")
 
     @model_validator(mode="before")
     @classmethod
@@ -497,8 +500,8 @@ class QuantSection(Section):
         None, description="Choose each linear's weight bits from measured sensitivity under a bits-per-weight "
         "budget: {bits_per_weight: 3.5, bits: [3, 4]}; linears an override sets bits for keep them.")
     kvcache: KVCacheSection | None = Field(
-        None, description="Quantize the KV cache (the k/v projections' outputs): {method: Naive, bit: 8} "
-        "(static per_tensor/per_head, int or FP8 e4m3) or {method: Kivi, bit: 2}.")
+        None, description="Quantize the KV cache (keys before or after RoPE, values): {method: Naive, bit: 8} "
+        "(static per_tensor/per_head, int or FP8 e4m3; FP8 exports with save_vllm) or {method: Kivi, bit: 2}.")
 
     @property
     def methods(self) -> list[str]:

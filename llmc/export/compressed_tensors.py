@@ -22,7 +22,8 @@ dequantization `(code - zero) * scale` in that dtype equals llmc's fake-quantize
 Pruned models (a `sparse:` section, with or without quant) are written as `llmc.export.ct_sparse`
 describes: zeros stored as they are, the sparsity recorded under config.json's `llmc_sparsity`.
 Online input transforms (QuaRot's Hadamard before down_proj) go into `transform_config`
-(`llmc.export.ct_transform`).
+(`llmc.export.ct_transform`). A quantized KV cache (`quant.kvcache`, FP8) goes into
+`kv_cache_scheme` with per-attention `k_scale` / `v_scale` (`llmc.export.ct_kvcache`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 
 from llmc.config.schema import LlmcConfig
 from llmc.errors import ConfigError
-from llmc.export import ct_formats
+from llmc.export import ct_formats, ct_kvcache
 from llmc.export.base import Exporter, register_exporter
 from llmc.export.ct_scheme import ct_format, ct_scheme, is_float, unsupported
 from llmc.export.ct_sparse import add_sparsity_record, sparsity_record, write_pruned_dense
@@ -117,6 +118,7 @@ def quantization_config(cfg: LlmcConfig, ignore: list[str]):
         format=ct_format(cfg.quant),
         quantization_status=QuantizationStatus.COMPRESSED,
         ignore=ignore,
+        kv_cache_scheme=ct_kvcache.kv_cache_scheme(cfg.quant.kvcache),
     )
 
 
@@ -133,6 +135,7 @@ def write_checkpoint(model: nn.Module, tokenizer: object, folder: Path, cfg: Llm
     state, ignore = compressed_state_dict(model, cfg)
     transforms, transform_state = transform_config(model, model_dtype(model))  # QuaRot's online Hadamard
     state.update(transform_state)
+    state.update(ct_kvcache.kv_scales(model, cfg.quant.kvcache, model_dtype(model)))  # k_scale / v_scale
     model.save_pretrained(folder, state_dict=state, safe_serialization=True)
     ModelCompressor(quantization_config=quantization_config(cfg, ignore),
                     transform_config=transforms).update_config(str(folder))

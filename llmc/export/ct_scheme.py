@@ -18,7 +18,7 @@ loader is the reference for what is servable), or None.
 from __future__ import annotations
 
 from llmc.config.schema import LlmcConfig, QuantSection
-from llmc.export import ct_formats
+from llmc.export import ct_formats, ct_kvcache
 
 FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
 """Linears vLLM and SGLang fuse into one (qkv_proj, gate_up_proj): all of them or none may stay in float."""
@@ -39,6 +39,9 @@ def unsupported(cfg: LlmcConfig) -> str | None:
         if cfg.sparse is not None:
             return None  # a pruned float model: written dense (llmc.export.ct_sparse)
         return "there is no quant or sparse section to export; add quant (e.g. RTN, 4-bit weights)"
+    kv_problem = ct_kvcache.unsupported(cfg)
+    if kv_problem is not None:
+        return kv_problem
     w, a = quant.weight, quant.act
     split = split_fused(quant)
     if split:

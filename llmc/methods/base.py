@@ -39,6 +39,10 @@ class QuantMethod(CompressionMethod):
     float_quant: ClassVar[bool] = False
     """Whether the method works with float formats (float-quant FP8 and FP8 blocks, nvfp4, mxfp4, mxfp8),
     not only integer grids."""
+    float_formats: ClassVar[frozenset[str]] = frozenset()
+    """The quant_types besides int-quant a method without `float_quant` supports (GPTQ: nvfp4, mxfp4, mxfp8)."""
+    float_refusal: ClassVar[str] = ""
+    """Why the method refuses the other float formats (added to the error)."""
     prefers_quant_out: ClassVar[bool] = False
     """Whether blocks should by default see the quantized earlier blocks' outputs (`quant.quant_out`)."""
     quantizes_only: ClassVar[bool] = False
@@ -68,11 +72,14 @@ class QuantMethod(CompressionMethod):
         floats_used = [s.quant_type for s in (quant.weight, quant.act) if s is not None and s.quant_type != "int-quant"]
         floats_used += [p["quant_type"] for o in quant.overrides for p in (o.weight, o.act)
                         if p and p.get("quant_type", "int-quant") != "int-quant"]
-        if floats_used and not self.float_quant:
+        refused = [t for t in floats_used if t not in self.float_formats]
+        if refused and not self.float_quant:
             floats = ", ".join(sorted(c.name for c in set(METHODS.values()) if c.float_quant))
-            kind = " (FP8)" if floats_used[0] == "float-quant" else ""
+            kind = " (FP8)" if refused[0] == "float-quant" else ""
+            why = f", as {self.float_refusal}" if self.float_refusal and refused[0] == quant.weight.quant_type else ""
+            own = ", ".join(["int-quant", *sorted(self.float_formats)])
             raise ConfigError(
-                f"{self.name} does not support quant_type: {floats_used[0]}{kind}; use {floats}, or int-quant"
+                f"{self.name} does not support quant_type: {refused[0]}{kind}{why}; use {floats}, or {own}"
             )
         if self.quantizes_only and not final:
             raise ConfigError(f"{self.name} quantizes the weights, so it must be the quantizing method of "

@@ -12,13 +12,23 @@ becomes the GPTQ result Q, and its fake-quant parameters are the ones GPTQ used,
 `fake_weight()` reproduces Q exactly (the "transformed" model is therefore Q too).
 
 Config keys: `quant.weight.{bit, symmetric, granularity, group_size, calib_algo, partial_group}`,
-`quant.act.*` (applied to the linears' inputs as for RTN), and `quant.special`:
+`quant.weight.quant_type` (int-quant, or nvfp4 / mxfp4 / mxfp8: see below), `quant.act.*` (applied to
+the linears' inputs as for RTN), and `quant.special`:
   percdamp (0.01): damping added to diag(H), as a fraction of its mean;
   blocksize (128): columns per lazy batch update;
   actorder (false): quantize columns in order of decreasing diag(H);
   static_groups (false): per_group params from the original weight up front, so groups stay
     contiguous under actorder;
   true_sequential (true): measure each group's Hessian after quantizing the groups before it.
+Float formats (llm-compressor's GPTQ does NVFP4 and MXFP4 too): the sweep rounds each column to the
+format's grid (E2M1 / E4M3 values times the group's scale); a group of 16 (NVFP4) or 32 (MX) columns
+gets its scale when the sweep reaches it, from the columns as updated so far (up front from the original
+weight with static_groups, as llm-compressor does), and NVFP4's per-tensor global scale is fixed before
+the sweep from the original weights of the linears sharing the input (RTN's tied scale). actorder needs
+static_groups: true with them, since these checkpoints carry no g_idx (compressed-tensors dropped
+act-order "group"; llm-compressor's default actorder "static"/"weight" is this one, applied to MX groups
+and to no NVFP4 weight). FP8 (float-quant, per_block included) is refused: the sweep has no FP8 rounding
+and keeps scales per row, where FP8 blocks share one across 128 rows.
 `quant.quant_out` defaults to true with GPTQ: each block's Hessians come from the quantized
 earlier blocks' outputs, so GPTQ also corrects the error they pass on. With SparseGPT's
 `sparse.special.joint_quant`, SparseGPT runs this quantization inside its pruning sweep
@@ -35,15 +45,19 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from llmc.errors import NumericsError
+from llmc.errors import ConfigError, NumericsError
 from llmc.methods.base import QuantMethod, register_method
-from llmc.methods.gptq_block import quantize_block
+from llmc.methods.gptq_block import ColumnQdq, quantize_block
 from llmc.methods.hessian import group_hessians, inverse_hessian_cholesky, obs_problem, obs_sweep
 from llmc.methods.sparse_base import is_pruned
 from llmc.models.adapter import ModelAdapter
 from llmc.pipeline.blockwise import BlockContext, timed
 from llmc.quant.fake_linear import FakeQuantLinear
+from llmc.quant.microscaling import fix_global_scale
 from llmc.quant.quantizer import IntQuantizer
+
+FORMATS = frozenset({"nvfp4", "mxfp4", "mxfp8"})
+"""The float formats GPTQ quantizes to (per_group with a format-specific rounding per column)."""
 
 
 class GptqSpecial(BaseModel):
@@ -91,8 +105,14 @@ class ColumnGrids:
         self.grouped = quantizer.granularity == "per_group"
         self.group_size = quantizer.group_size if self.grouped else cols
         self.dynamic = self.grouped and not static_groups
-        # Each group's params are per row over its columns: a per_channel quantizer on a column slice.
-        self.slice_quantizer = dataclasses.replace(quantizer, granularity="per_channel", group_size=-1)
+        self.qdq: ColumnQdq | None = None
+        """A float format's rounding of one column (None: the integer grid)."""
+        if isinstance(quantizer, IntQuantizer):
+            # Each group's params are per row over its columns: a per_channel quantizer on a column slice.
+            self.slice_quantizer = dataclasses.replace(quantizer, granularity="per_channel", group_size=-1)
+        else:  # NVFP4 / MX: a slice of one group's columns is one group per row already
+            quantizer.rows(W[:1])  # a ModelError unless the groups divide the columns
+            self.slice_quantizer, self.qdq = quantizer, quantizer.qdq_broadcast
         self.params: list[tuple[Tensor, Tensor] | None] = [None] * -(-cols // self.group_size)
         if not self.grouped:
             self.params[0] = self._flat(quantizer.calc_qparams(W))
@@ -141,6 +161,7 @@ def gptq_quantize(
     `[in, in]` less at the peak: 3 GiB for a 70B down_proj); the caller must not reuse it.
     With `keep_zeros` (a pruned weight) every zero of `weight` stays zero in Q.
     """
+    quantizer = fix_global_scale(quantizer, [weight])  # NVFP4: from the original weight, before obs_problem
     W, H = obs_problem(weight, hessian, consume_hessian)
     pruned = W == 0 if keep_zeros else None
     cols = W.shape[1]
@@ -172,7 +193,7 @@ def gptq_quantize(
         else:
             S1, Z1 = grids.of(groups_in_order[i1])
         prune1 = pruned[:, i1:i2] if pruned is not None else None
-        return quantize_block(W1, Hinv[i1:i2, i1:i2], S1, Z1, quantizer.qmin, quantizer.qmax, prune1)
+        return quantize_block(W1, Hinv[i1:i2, i1:i2], S1, Z1, quantizer.qmin, quantizer.qmax, prune1, grids.qdq)
 
     Q = obs_sweep(W, Hinv, blocksize, solve_block)
     if actorder:
@@ -261,11 +282,21 @@ class GroupIndexFakeQuantLinear(FakeQuantLinear):
 class GPTQ(QuantMethod):
     name = "GPTQ"
     Special = GptqSpecial
+    float_formats = FORMATS
+    float_refusal = "its column sweep has no FP8 rounding and keeps scales per row, FP8 blocks one per 128 rows"
     # Measured on SmolLM2-135M W4 per-channel: WikiText-2 PPL 30.08 with, 32.30 without.
     prefers_quant_out = True
     module_schemes = True
     replay_children = True
     """With true_sequential, replay finished children of the block instead of re-running them."""
+
+    def __init__(self, quant, special: dict | None = None, final: bool = True) -> None:
+        super().__init__(quant, special, final)
+        types = [quant.weight.quant_type] + [o.weight.get("quant_type") for o in quant.overrides if o.weight]
+        fmt = next((t for t in types if t in FORMATS), None)
+        if fmt and self.special.actorder and not self.special.static_groups:
+            raise ConfigError(f"GPTQ actorder with quant_type {fmt} needs quant.special.static_groups: true ({fmt} "
+                              "checkpoints have no g_idx for act-order groups); set it, or actorder: false")
 
     @property
     def arbitrary_group_order(self) -> bool:

@@ -15,6 +15,7 @@ land on the neighbouring grid point; tests/test_gptq.py and tests/test_cuda.py c
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -31,16 +32,21 @@ _MAGIC = 12582912.0
 _LIMIT = 4194304.0
 
 
+ColumnQdq = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""`(w, scale, zero) -> q`: a float format's rounding of one column (NVFP4, MX) instead of the integer grid."""
+
+
 def quantize_block_torch(
     W1: Tensor, Hinv1: Tensor, S1: Tensor | None, Z1: Tensor | None, qmin: int, qmax: int,
-    prune1: Tensor | None = None,
+    prune1: Tensor | None = None, qdq: ColumnQdq | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Quantize the columns of `W1` [rows, width] in order; returns (Q1, Err1).
 
     `S1`/`Z1` are the scale and zero point of each column, `[rows, width]`, or `[rows, 1]` when
     the whole block shares them; None: no rounding (SparseGPT pruning alone). `W1` is updated in
     place (a column view of a wider block works). Weights where the bool `prune1` is set become
-    zero (a pruned model keeps its zeros; their error is spread as well).
+    zero (a pruned model keeps its zeros; their error is spread as well). With `qdq` each column
+    is rounded by it (a float format) instead of to the integer grid `qmin..qmax`.
     """
     Q1 = torch.empty_like(W1)
     Err1 = torch.empty_like(W1)
@@ -52,7 +58,7 @@ def quantize_block_torch(
         else:
             s = S1[:, i] if per_col else S1[:, 0]
             z = Z1[:, i] if per_col else Z1[:, 0]
-            q = (torch.clamp(torch.round(w / s) + z, qmin, qmax) - z) * s
+            q = qdq(w, s, z) if qdq is not None else (torch.clamp(torch.round(w / s) + z, qmin, qmax) - z) * s
         if prune1 is not None:
             q = q.masked_fill(prune1[:, i], 0)
         Q1[:, i] = q
@@ -138,9 +144,10 @@ def use_triton(W1: Tensor) -> bool:
 
 def quantize_block(
     W1: Tensor, Hinv1: Tensor, S1: Tensor | None, Z1: Tensor | None, qmin: int, qmax: int,
-    prune1: Tensor | None = None,
+    prune1: Tensor | None = None, qdq: ColumnQdq | None = None,
 ) -> tuple[Tensor, Tensor]:
-    if prune1 is not None or S1 is None:  # the Triton kernel has no mask: pruned models take the torch loop
-        return quantize_block_torch(W1, Hinv1, S1, Z1, qmin, qmax, prune1)
+    # The Triton kernel has no mask and rounds to integers: pruned models and float formats take the torch loop.
+    if prune1 is not None or S1 is None or qdq is not None:
+        return quantize_block_torch(W1, Hinv1, S1, Z1, qmin, qmax, prune1, qdq)
     fn = quantize_block_triton if use_triton(W1) else quantize_block_torch
     return fn(W1, Hinv1, S1, Z1, qmin, qmax)

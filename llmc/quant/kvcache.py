@@ -1,5 +1,5 @@
 """Fake quantization of the keys and values attention stores: a module applied to the output of a
-key or value projection (`[..., heads * head_dim]`), attached as a forward hook on that linear.
+key or value projection (`[..., heads * head_dim]`), or to what the attention hands its cache.
 
 Granularities (the tensor is seen as `[batch, tokens, heads, head_dim]`):
   per_tensor (static): one scale for the whole cache of a layer;
@@ -8,13 +8,24 @@ Granularities (the tensor is seen as `[batch, tokens, heads, head_dim]`):
     of one sequence (-1: the whole sequence);
   per_token (dynamic; KIVI's values): one range per token and head, over the head's channels.
 Static scales are observed (running absmax / min-max) while `observing` is on, then frozen.
+
+Two places to apply them: `attach` hooks the key or value projection's output (keys before RoPE);
+`attach_cache` hooks the attention's cache argument (`CacheQuant`): the attention is handed a
+stand-in whose `update(keys, values, ...)` fake-quantizes the post-RoPE keys and the values, then
+passes them on to the real cache (or returns them, when there is none). That is the point
+transformers' attention modules hand their keys to the cache after RoPE, and what vLLM's FP8
+cache and llm-compressor's calibration see, with no change to the attention code or its
+implementation (`eager`, `sdpa`, ...).
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor, nn
 
+from llmc.errors import ModelError
 from llmc.quant.registry import Quantizer
 
 STATIC = ("per_tensor", "per_head")
@@ -111,3 +122,74 @@ def attach(linear: nn.Module, kv: KVFakeQuant) -> KVFakeQuant:
 
 def kv_modules(model: nn.Module) -> list[KVFakeQuant]:
     return [m for m in model.modules() if isinstance(m, KVFakeQuant)]
+
+
+CACHE_ARGS = ("cache", "past_key_values", "past_key_value")
+"""Names transformers' attention modules have given their cache argument (newest first)."""
+
+
+def _by_head(kv: KVFakeQuant, x: Tensor) -> Tensor:
+    """`kv` on cache-layout states `[batch, heads, tokens, head_dim]`, seen in the projection's
+    layout `[batch, tokens, heads * head_dim]` that KVFakeQuant's granularities are written for."""
+    if not kv.enabled:
+        return x
+    b, h, t, d = x.shape
+    y = kv(x.transpose(1, 2).reshape(b, t, h * d))
+    return y.reshape(b, t, h, d).transpose(1, 2)
+
+
+class CacheQuant(nn.Module):
+    """The key and value quantizers of one attention module, applied where it updates its cache."""
+
+    def __init__(self, key: KVFakeQuant, value: KVFakeQuant, arg: str, position: int) -> None:
+        super().__init__()
+        self.key, self.value = key, value
+        self.arg, self.position = arg, position  # the forward's cache parameter, by name and position
+
+
+class _QuantizingCache:
+    """Stands in for an attention module's cache argument for one call."""
+
+    def __init__(self, quant: CacheQuant, inner: object | None) -> None:
+        self.quant, self.inner = quant, inner
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        k, v = _by_head(self.quant.key, key_states), _by_head(self.quant.value, value_states)
+        if self.inner is None:
+            return k, v
+        return self.inner.update(k, v, *args, **kwargs)
+
+    def __getattr__(self, name: str):  # anything else the attention reads is the real cache's
+        if self.inner is None:
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def _cache_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    quant: CacheQuant = module.kv_cache_quant
+    if len(args) > quant.position:  # passed positionally
+        args = (*args[: quant.position], _QuantizingCache(quant, args[quant.position]), *args[quant.position + 1:])
+        return args, kwargs
+    inner = None
+    for name in CACHE_ARGS:  # an older name too, which a deprecation shim would rename
+        found = kwargs.pop(name, None)
+        inner = found if found is not None else inner
+    kwargs[quant.arg] = _QuantizingCache(quant, inner)
+    return args, kwargs
+
+
+def attach_cache(attn: nn.Module, key: KVFakeQuant, value: KVFakeQuant) -> CacheQuant:
+    """Fake-quantize the keys (after RoPE) and values `attn` hands its cache, from now on."""
+    params = list(inspect.signature(attn.forward).parameters)
+    arg = next((a for a in CACHE_ARGS if a in params), None)
+    if arg is None:
+        raise ModelError(f"{type(attn).__name__}.forward takes no cache argument ({', '.join(CACHE_ARGS)}), "
+                         "so keys cannot be quantized after RoPE; set quant.kvcache.post_rope: false")
+    attn.kv_cache_quant = quant = CacheQuant(key, value, arg, params.index(arg))
+    attn.register_forward_pre_hook(_cache_hook, with_kwargs=True)
+    return quant
+
+
+def cache_quants(model: nn.Module) -> list[tuple[str, CacheQuant]]:
+    """`(attention module name, CacheQuant)` of every attention quantized at its cache."""
+    return [(name.rsplit(".", 1)[0], m) for name, m in model.named_modules() if isinstance(m, CacheQuant)]

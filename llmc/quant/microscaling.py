@@ -163,6 +163,11 @@ class NVFP4Quantizer(QuantizerCommon):
         step = scale / zero  # compressed-tensors divides the group scale by the global one first
         return round_element_ste((rows / step).clamp(-E2M1_MAX, E2M1_MAX), "e2m1") * step
 
+    def qdq_broadcast(self, x: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+        """Quantize-dequantize float32 `x` with params broadcast to it (each element's group's), in the
+        arithmetic of `quant_dequant` (GPTQ's column sweep)."""
+        return self._qdq_rows(x, scale, zero)
+
     def quantize(self, x: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
         """The E2M1 values (float32, -6..6) of `x`, same shape as `x`."""
         rows = self.rows(x).float()
@@ -231,6 +236,10 @@ class MXQuantizer(QuantizerCommon):
     def _qdq_rows(self, rows: Tensor, scale: Tensor, zero: Tensor | None = None) -> Tensor:
         return round_element_ste((rows / scale).clamp(self.qmin, self.qmax), self.bit) * scale
 
+    def qdq_broadcast(self, x: Tensor, scale: Tensor, zero: Tensor | None = None) -> Tensor:
+        """Quantize-dequantize float32 `x` with params broadcast to it, as `quant_dequant` (GPTQ's sweep)."""
+        return self._qdq_rows(x, scale)
+
     def quantize(self, x: Tensor, scale: Tensor, zero: Tensor | None = None) -> Tensor:
         """The element values of `x`: float32 E2M1 values (MXFP4) or `torch.float8_e4m3fn` (MXFP8)."""
         rows = self.rows(x).float()
@@ -260,7 +269,16 @@ def tie_global_scale(quantizer: object, weights: list[Tensor]) -> object:
     smallest global scale): serving engines fuse the linears that share an input (q/k/v, gate/up) and
     keep one global scale for the fused weight (vLLM takes the max of the stored ones), as
     llm-compressor's fused-layer update does. Other quantizers come back unchanged."""
-    if not isinstance(quantizer, NVFP4Quantizer) or quantizer.dynamic_groups or len(weights) < 2:
+    if len(weights) < 2:
+        return quantizer
+    return fix_global_scale(quantizer, weights)
+
+
+def fix_global_scale(quantizer: object, weights: list[Tensor]) -> object:
+    """For NVFP4 weights, `quantizer` with the global scale of `weights` taken together fixed (kept if
+    already fixed); GPTQ fixes it from the original weight before its sweep changes the columns. Other
+    quantizers come back unchanged."""
+    if not isinstance(quantizer, NVFP4Quantizer) or quantizer.dynamic_groups or quantizer.global_scale is not None:
         return quantizer
     amax = max(float(_absmax(*observe_range(quantizer.rows(w.detach()).float(), quantizer.calib_algo,
                                             quantizer.percentile)).max()) for w in weights)
