@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, peer_run, prepare_files, smollm2_hf_dir  # noqa: E402
-from formats_table import FORMAT_NOTES, formats_plan  # noqa: E402
+from formats_table import FORMAT_METHODS, FORMAT_NOTES, formats_plan  # noqa: E402
 
 from llmc import compress  # noqa: E402
 from llmc.config import load_config  # noqa: E402
@@ -266,6 +266,8 @@ def llmc_run(model_dir: Path, args: argparse.Namespace, spec: dict) -> dict:
     row = {"ppl": ppl.ppl, "quantize_s": result.timings.get("quantize_s", 0.0), "windows": ppl.windows}
     if result.methods:
         row["sparse"] = result.methods[0]
+    if result.method_results:  # what methods report: SpQR's outliers and bits, the auto-scheme's assignment
+        row["report"] = result.method_results
     return row
 
 
@@ -320,8 +322,23 @@ def write(out: Path, header: dict, rows: list[dict]) -> None:
         lines.append(f"| {r['setting']} | {r['method']} | {quant_out} | {ppl} | {secs} | {peer_ppl} | {peer_t} | "
                      + (f"{recipe} | " if with_recipe else "")
                      + f"{sparsity} | {device} | {r.get('commit') or 'before 03c5dcb'} |")
-    lines += ["", "Notes:", *notes]
+    reports = [f"- {r['setting']} / {r['method']}: {report_line(r['report'])}" for r in rows if r.get("report")]
+    lines += ["", "Notes:", *notes] + (["", "Method reports (results.json `methods`):", *reports] if reports else [])
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def report_line(report: dict, limit: int = 400) -> str:
+    """A method's report in one line: numbers rounded, long per-layer lists cut."""
+    def short(v):
+        if isinstance(v, float):
+            return round(v, 4)
+        if isinstance(v, dict):
+            return {k: short(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [short(x) for x in v]
+        return v
+    text = json.dumps(short(report))
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def run_row(model_dir: Path, args: argparse.Namespace, setting: str, method: str, spec: dict) -> dict:
@@ -374,7 +391,8 @@ def main() -> None:
                    "llmc also clips weights (llm-compressor 0.14 AWQ has no clip search); SmoothQuant alpha 0.5, "
                    "then round-to-nearest W8A8 (dynamic per-token activations)" if args.table == "main" else
                    "GPTQ (both tools): act-order with static groups, damping 0.01, block 128; other methods with "
-                   "llmc's default special keys; llm-compressor: see the recipe column",
+                   "llmc's default special keys; llm-compressor: see the recipe column" if args.table == "rotations"
+                   else FORMAT_METHODS,
         "calibration": f"bundled C4 sample, {args.n_samples} x {args.calib_seq_len} tokens, general preproc, seed 42 "
                        f"(ids sha256/16 {files['calib_sha256_16']})",
         "evaluation": f"WikiText-2 test, first {args.windows} windows x 2048 tokens",

@@ -83,6 +83,9 @@ def formats_plan() -> list[tuple[str, str, dict]]:
     return runs
 
 
+FORMAT_METHODS = ("GPTQ (both tools): damping 0.01, block 128, no act-order; other methods with llmc's default "
+                  "special keys except as noted below; llm-compressor: see the recipe column")
+
 FORMAT_NOTES = [
     "- Integer weights: groups of 128 asymmetric (`partial_group`: 576 = 4.5 x 128), or per output channel "
     "symmetric where activations are quantized; activations per token, symmetric, dynamic. GPTQ without "
