@@ -25,13 +25,7 @@ from llmc.schedule import block_targets
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread is faster, and far faster on a loaded machine (no spin-waiting)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(special: dict | None = None, bit: int = 4, group_size: int = 32, method="AWQ"):

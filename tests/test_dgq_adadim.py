@@ -24,12 +24,7 @@ CPU = torch.device("cpu")
 W4A8 = {"act": {"bit": 8, "symmetric": True, "granularity": "per_token"}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def one_line(exc) -> str:

@@ -148,6 +148,7 @@ class ToyBlock(nn.Module):
         with torch.no_grad():
             for lin in (self.up, self.gate, self.down):
                 lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) / lin.in_features**0.5)
+                lin.bias.copy_(torch.randn(lin.bias.shape, generator=gen) / lin.in_features**0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.down(torch.relu(self.gate(x)) * self.up(x))
@@ -189,14 +190,23 @@ def test_hessian_skips_padding():
 @pytest.mark.parametrize("true_sequential", [True, False])
 @pytest.mark.parametrize("actorder", [False, True])
 def test_block_beats_rtn_and_stores_exact_params(true_sequential, actorder):
+    errors, block = rtn_and_gptq_errors(lambda: gptq({"true_sequential": true_sequential, "actorder": actorder}))
+    for _, fq in fake_quant_modules(block):
+        assert torch.equal(fq.fake_weight(), fq.weight)
+        assert fq.g_idx.shape == (fq.in_features,)
+    assert isinstance(block.down, GroupIndexFakeQuantLinear) == actorder
+    assert errors["gptq"] < 0.8 * errors["rtn"]
+
+
+def rtn_and_gptq_errors(make_method) -> tuple[dict[str, float], nn.Module]:
+    """A ToyBlock's output error on its calibration inputs (real tokens only) with every linear rounded to
+    nearest ("rtn") and with the method's `process_block` ("gptq"), and the block GPTQ left."""
     hidden, masks = toy_inputs()
-    hidden[0][1, 40:] = 0  # keep the error measurement below on real tokens
-    reference = ToyBlock()
-    expected = [reference(h) for h in hidden]
+    hidden[0][1, 40:] = 0  # keep the error measurement on real tokens
+    expected = [ToyBlock()(h) for h in hidden]
     errors = {}
     for name in ("rtn", "gptq"):
-        block = ToyBlock()
-        method = gptq({"true_sequential": true_sequential, "actorder": actorder})
+        block, method = ToyBlock(), make_method()
         ctx = toy_context(block, hidden, masks)
         if name == "rtn":
             for n in ctx.targets:
@@ -205,12 +215,7 @@ def test_block_beats_rtn_and_stores_exact_params(true_sequential, actorder):
             method.process_block(ctx)
         with torch.no_grad():
             errors[name] = sum(torch.linalg.norm(block(h) - e).item() for h, e in zip(hidden, expected))
-        if name == "gptq":
-            for _, fq in fake_quant_modules(block):
-                assert torch.equal(fq.fake_weight(), fq.weight)
-                assert fq.g_idx.shape == (fq.in_features,)
-            assert isinstance(block.down, GroupIndexFakeQuantLinear) == actorder
-    assert errors["gptq"] < 0.8 * errors["rtn"]
+    return errors, block
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -32,12 +32,7 @@ LLMC_SPECIAL = {  # ModelTC/llmc configs/quantization/methods/SpQR/spqr_w_only.y
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def method(weight=W3G16, **special):
