@@ -11,8 +11,10 @@ from conftest import build_tiny_model, tiny_config
 from export_checks import autoawq_packing_utils, fp16_reference, read_tensors
 
 from llmc import compress, load_config
+from llmc.config.schema import QuantSection
 from llmc.errors import ConfigError
 from llmc.export import quantized_linears
+from llmc.methods.base import get_methods
 from llmc.methods.hqq import HQQQuantizer, HQQSpecial, fit_zero, hqq_params, lp_error, shrink_lp
 from llmc.quant import fake_quant_modules
 from llmc.quant.quantizer import IntQuantizer
@@ -284,3 +286,20 @@ def test_bf16_weights_get_representable_scales():
     rtn = IntQuantizer(bit=4, symmetric=False, granularity="per_group", group_size=32).for_dtype(torch.bfloat16)
     (hqq_lp, hqq_mse), (rtn_lp, rtn_mse) = (errors([weight.float()], [w.float()]) for w in (fake, rtn.fake_quant(weight)))
     assert hqq_lp < rtn_lp and hqq_mse < rtn_mse
+
+
+def test_llmc_round_zp_key_sets_round_zero_and_other_methods_refuse_float_zeros():
+    """ModelTC/llmc's configs say `quant.weight.round_zp`; HQQ maps it, SpQR keeps float zeros, RTN integer ones."""
+    weight = {"bit": 4, "symmetric": False, "granularity": "per_group", "group_size": 64}
+    for round_zp in (True, False):
+        quant = QuantSection(method="HQQ", weight={**weight, "round_zp": round_zp})
+        assert get_methods(quant)[0].special.round_zero is round_zp
+    with pytest.raises(ConfigError, match="contradicts"):
+        get_methods(QuantSection(method="HQQ", weight={**weight, "round_zp": True}, special={"round_zero": False}))
+    with pytest.raises(ConfigError, match=r"RTN keeps integer zero points; remove round_zp \(float zero points: "
+                                          r"HQQ, SpQR\)"):
+        get_methods(QuantSection(method="RTN", weight={**weight, "round_zp": False}))
+    with pytest.raises(ConfigError, match="SpQR keeps float zero points"):
+        get_methods(QuantSection(method="SpQR", weight={**weight, "group_size": 16, "round_zp": True}))
+    get_methods(QuantSection(method="SpQR", weight={**weight, "group_size": 16, "round_zp": False}))
+    get_methods(QuantSection(method="RTN", weight={**weight, "round_zp": True}))

@@ -278,6 +278,9 @@ class WeightQuantSection(RangeSection):
     )
     bit: Bit = Field(4, description="Integer bits 2..8 (int-quant), or e4m3 (float-quant, mxfp8), e2m1 (nvfp4, mxfp4).")
     symmetric: bool = Field(False, description="Symmetric (no zero point) or asymmetric range.")
+    round_zp: bool | None = Field(
+        None, description="llmc's key: integer zero points (true, every method's grid) or float ones (false: "
+        "methods that fit a float zero, HQQ and SpQR); unset: the method's default.")
     granularity: Literal["per_tensor", "per_channel", "per_group", "per_block"] = Field(
         "per_group", description="Rows sharing a scale: per_tensor, per_channel (output row), per_group, "
         "per_block (float-quant: block_size x block_size blocks, DeepSeek-V3's FP8 layout)."

@@ -56,6 +56,8 @@ class QuantMethod(CompressionMethod):
     alone, it quantizes (RTN) and then tunes."""
     module_schemes: ClassVar[bool] = False
     """Whether the method quantizes each linear with its own scheme (`quant.overrides`, `quant.auto_scheme`)."""
+    zero_points: ClassVar[frozenset[bool]] = frozenset({True})
+    """`quant.weight.round_zp` values the method honours: True, integer zero points; False, float ones."""
 
     def __init__(self, quant: QuantSection, special: dict | None = None, final: bool = True) -> None:
         self.quant = quant
@@ -97,6 +99,12 @@ class QuantMethod(CompressionMethod):
             mixed = ", ".join(sorted(c.name for c in set(METHODS.values()) if c.module_schemes))
             raise ConfigError(f"quant.overrides / quant.auto_scheme: {self.name} quantizes every linear with one "
                               f"scheme; use {mixed}, or remove them")
+        if quant.weight.round_zp is not None and quant.weight.round_zp not in self.zero_points and final:
+            floats = ", ".join(sorted(c.name for c in set(METHODS.values()) if False in c.zero_points))
+            raise ConfigError(
+                f"quant.weight.round_zp: {str(quant.weight.round_zp).lower()}: {self.name} keeps "
+                f"{'float' if True not in self.zero_points else 'integer'} zero points; remove round_zp"
+                + (f" (float zero points: {floats})" if quant.weight.round_zp is False else ""))
         self.weight_quantizer = build_weight_quantizer(quant.weight)
         self.act_quantizer = build_act_quantizer(quant.act) if quant.act is not None else None
         self.mixed_precision: dict = {}

@@ -36,9 +36,9 @@ are refused before calibration; save_trans and save_fake work. With `round_zero:
 format that takes the config works (bit-equal: the layers use the plain `IntQuantizer`), and
 pruned weights stay zero (a float zero would make them nonzero, so a sparse run needs round_zero).
 
-Config keys (llmc's names; llmc has `round_zp` under `quant.weight`, here `round_zero` under
-`quant.special`): `quant.weight.{bit, group_size, granularity, calib_algo}` with
-`symmetric: false` (HQQ fits the zero point); `quant.act.*` optional; `quant.special`:
+Config keys (llmc's names; llmc's `quant.weight.round_zp` is accepted and sets `round_zero`):
+`quant.weight.{bit, group_size, granularity, calib_algo}` with `symmetric: false` (HQQ fits the
+zero point); `quant.act.*` optional; `quant.special`:
   axis (1): 1 groups along the input features (the quantizer's groups, exportable); 0 groups
     `group_size` consecutive output rows of each input column, as llmc's `axis: 0` (fake only).
   lp_norm (0.7, in (0, 1]), beta (10.0), kappa (1.01, >= 1), iters (20): the solver's settings.
@@ -200,12 +200,19 @@ class HQQ(QuantMethod):
     Special = HQQSpecial
     needs_calibration = False
 
+    zero_points = frozenset({True, False})
+
     def __init__(self, quant: QuantSection, special: dict | None = None, final: bool = True) -> None:
         super().__init__(quant, special, final)
         w = quant.weight
         if w.symmetric:
             raise ConfigError("HQQ fits the zero point of an asymmetric grid; set quant.weight.symmetric: false")
         sp = self.special
+        if w.round_zp is not None:  # llmc's key for the same choice
+            if "round_zero" in (quant.special if special is None else special) and sp.round_zero != w.round_zp:
+                raise ConfigError(f"quant.weight.round_zp: {str(w.round_zp).lower()} contradicts "
+                                  f"quant.special.round_zero: {str(sp.round_zero).lower()}; keep one of them")
+            sp = self.special = sp.model_copy(update={"round_zero": w.round_zp})
         self.hqq_quantizer = HQQQuantizer(
             **{f.name: getattr(self.weight_quantizer, f.name) for f in dataclasses.fields(IntQuantizer)},
             axis=sp.axis, float_zero=not sp.round_zero,

@@ -272,6 +272,8 @@ class SpQR(QuantMethod):
     process_block = GPTQ.process_block
     extra_device_bytes = GPTQ.extra_device_bytes
 
+    zero_points = frozenset({False})  # its float zero points are quantized by quant.special.zero
+
     def __init__(self, quant: QuantSection, special: dict | None = None, final: bool = True) -> None:
         super().__init__(quant, special, final)
         w = quant.weight
