@@ -1,7 +1,7 @@
 # llmc developer tasks. Everything runs in the virtual environment .venv.
 #
 #   make setup       create .venv, install llmc[dev] (CPU torch first), fetch the quickstart model
-#   make quickstart  run configs/quickstart.yml on the real SmolLM2-135M model, offline
+#   make quickstart  run configs/quickstart.yml on the real SmolLM2-135M model, offline, and write its report
 #   make test        run the test suite, the real-model tests included
 #   make lint        ruff check
 #   make clean       remove caches and build output (keeps .venv and the model cache)
@@ -37,6 +37,7 @@ $(VENV)/.installed: pyproject.toml Makefile | $(PY)
 
 quickstart: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/llmc run configs/quickstart.yml
+	$(VENV)/bin/llmc report outputs/quickstart
 
 # Two workers (pytest-xdist), one test file each at a time: the tiny-model tests run on one thread
 # (tests/conftest.py), so a second worker uses the second core.

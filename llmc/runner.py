@@ -21,6 +21,7 @@ from llmc.config.loader import check_data_paths, load_config
 from llmc.config.schema import SAVE_FLAGS, LlmcConfig
 from llmc.data import build_calibration, load_eval_text, load_named_documents, tokenize_windows
 from llmc.errors import ConfigError
+from llmc.eval import downstream as lm_tasks
 from llmc.eval.perplexity import PROTOCOL, PplResult, evaluate_perplexity
 from llmc.export import requested_exporters
 from llmc.faults import kill_point
@@ -63,6 +64,10 @@ class RunResult:
     """The last block a resumed run found finished in its checkpoint (-1: only the statistics pass)."""
     method_results: dict = field(default_factory=dict)
     """What methods report at the model-level steps (QuaRot's rotation, the mixed-precision assignment)."""
+    downstream: list[lm_tasks.TaskResult] = field(default_factory=list)
+    """lm-eval task metrics per eval position (`eval.tasks`)."""
+    blocks: list[dict] = field(default_factory=list)
+    """Per processed block: seconds, output error, peak memory (`BlockwisePipeline.block_records`)."""
 
     def ppl(self, position: str, dataset: str | None = None) -> float:
         for r in self.perplexity:
@@ -107,6 +112,7 @@ def compress(
         exporter.check(cfg)
     check_model_paths(cfg.model)
     check_data_paths(cfg)  # calib (even unused) and eval sources, before the model loads
+    lm_tasks.check_tasks(cfg.eval)
     checkpoint = run_checkpoint(cfg, out_path, methods, resume)
     resume_state = checkpoint.open(resume) if checkpoint is not None else None
     timings: dict[str, float] = {}
@@ -141,14 +147,18 @@ def compress(
             return
         if position == "pretrain" and checkpoint is not None and checkpoint.perplexity:
             result.perplexity.extend(PplResult(**r) for r in checkpoint.perplexity)  # measured before the crash
-            return
-        for name, win in windows.items():
-            r = evaluate_perplexity(
-                loaded.model, loaded.adapter, win, device, cfg.eval.bs, cfg.eval.inference_per_block,
-                dataset=name, position=position, progress=progress,
+        else:
+            for name, win in windows.items():
+                r = evaluate_perplexity(
+                    loaded.model, loaded.adapter, win, device, cfg.eval.bs, cfg.eval.inference_per_block,
+                    dataset=name, position=position, progress=progress,
+                )
+                log.info("ppl %s [%s] = %.4f (%d windows x %d tokens)", name, position, r.ppl, r.windows, r.seq_len)
+                result.perplexity.append(r)
+        if cfg.eval.tasks:
+            result.downstream.extend(
+                lm_tasks.evaluate_tasks(loaded.model, loaded.tokenizer, loaded.adapter, device, cfg.eval, position)
             )
-            log.info("ppl %s [%s] = %.4f (%d windows x %d tokens)", name, position, r.ppl, r.windows, r.seq_len)
-            result.perplexity.append(r)
 
     evaluate("pretrain")
     if checkpoint is not None:
@@ -157,6 +167,7 @@ def compress(
         start = time.perf_counter()
         pipeline = compress_model(cfg, loaded, methods, device, calib_docs, progress, checkpoint, resume_state)
         result.method_results = dict(getattr(pipeline, "results", {}) or {})
+        result.blocks = list(getattr(pipeline, "block_records", []))
         timings["quantize_s"] = time.perf_counter() - start
         if checkpoint is not None:
             timings["checkpoint_s"] = checkpoint.write_seconds
@@ -234,12 +245,13 @@ def check_seq_len(cfg: LlmcConfig, loaded: LoadedModel, calibrates: bool) -> Non
 
 
 def print_table(result: RunResult) -> None:
-    if not result.perplexity:
-        return
-    print(f"\n{'position':<12} {'dataset':<10} {'windows':>8} {'seq_len':>8} {'ppl':>10}")
-    for r in result.perplexity:
-        print(f"{r.position:<12} {r.dataset:<10} {r.windows:>8} {r.seq_len:>8} {r.ppl:>10.4f}")
-    print(f"protocol: {PROTOCOL}\n")
+    if result.perplexity:
+        print(f"\n{'position':<12} {'dataset':<10} {'windows':>8} {'seq_len':>8} {'ppl':>10}")
+        for r in result.perplexity:
+            print(f"{r.position:<12} {r.dataset:<10} {r.windows:>8} {r.seq_len:>8} {r.ppl:>10.4f}")
+        print(f"protocol: {PROTOCOL}\n")
+    if result.downstream:
+        print(lm_tasks.format_table(result.downstream) + "\n")
 
 
 def results_dict(result: RunResult, device: torch.device) -> dict:
@@ -251,9 +263,11 @@ def results_dict(result: RunResult, device: torch.device) -> dict:
         "llmc_version": __version__,
         "perplexity": [r.as_dict() for r in result.perplexity],
         "protocol": PROTOCOL,
+        "downstream": lm_tasks.downstream_dict(result.downstream, result.config.eval) if result.downstream else None,
         "seed": result.config.base.seed,
         "calib_seed": result.config.calib_seed if result.config.calib else None,
         "timings_s": result.timings,
+        "blocks": result.blocks,
         "sparse": result.methods,
         "methods": result.method_results,
         "resumed_after_block": result.resumed_after_block,

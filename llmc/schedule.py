@@ -171,7 +171,7 @@ def compress_batches(
         return method_targets(cfg, method, adapter, blocks[index], index)
 
     pipeline = BlockwisePipeline(model, adapter, device, quant_out=resolve_block_out(cfg, methods), progress=progress,
-                                 desc="+".join(m.name for m in methods))
+                                 desc="+".join(m.name for m in methods), record_blocks=True)
     pipeline.plan = plan
     first = 0
     if resume is not None:

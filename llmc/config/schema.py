@@ -211,10 +211,10 @@ class CalibSection(Section):
 
 
 class EvalSection(Section):
-    """Perplexity evaluation (protocol in README)."""
+    """Perplexity evaluation (protocol in README), then lm-eval tasks when `tasks` names any."""
 
     eval_pos: list[Literal["pretrain", "transformed", "fake_quant"]] = Field(
-        default_factory=lambda: ["pretrain", "fake_quant"], description="When to measure perplexity."
+        default_factory=lambda: ["pretrain", "fake_quant"], description="When to evaluate (perplexity, then eval.tasks)."
     )
     name: str | list[str] = Field("wikitext2", description="wikitext2, c4, ptb or custom (one or a list).")
     download: bool = Field(False, description="Fetch `name` with HF datasets (needs network).")
@@ -223,6 +223,37 @@ class EvalSection(Section):
     bs: int = Field(1, ge=1, description="Windows per forward batch.")
     max_windows: int | None = Field(None, ge=1, description="Evaluate only the first N windows (None = all).")
     inference_per_block: bool = Field(False, description="Stream blocks through the device (big models).")
+    tasks: list[str] = Field(
+        default_factory=list, description="lm-eval tasks run after perplexity at each eval_pos (llmc.eval.downstream)."
+    )
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per task (None: the task's default).")
+    limit: int | float | None = Field(
+        None, gt=0, description="Examples per task: N >= 1, or a fraction in (0, 1) of each task (None = all)."
+    )
+    tasks_bs: int = Field(1, ge=1, description="lm-eval batch size (requests per forward).")
+    tasks_local: bool | Literal["auto"] = Field(
+        "auto", description="Bundled offline copies of piqa, lambada_openai, winogrande, openbookqa, boolq: "
+        "auto = when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set; false = lm-eval's hub tasks."
+    )
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v: int | float | None) -> int | float | None:
+        if isinstance(v, float) and v.is_integer() and v >= 1:
+            return int(v)
+        if isinstance(v, float) and not 0 < v < 1:
+            raise ValueError(f"limit={v} is neither a count (an integer >= 1) nor a fraction in (0, 1); use e.g. 100 or 0.1")
+        return v
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not name or "," in name or name != name.strip():
+                raise ValueError(f"task name {name!r} is malformed; list one lm-eval task name per item")
+        if len(set(v)) != len(v):
+            raise ValueError("a task is listed twice; list each task once")
+        return v
 
     @property
     def names(self) -> list[str]:

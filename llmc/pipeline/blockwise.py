@@ -22,6 +22,7 @@ from llmc.models.adapter import LinearGroup, ModelAdapter
 from llmc.pipeline.capture import BlockInputs
 from llmc.pipeline.offload import ModuleHome
 from llmc.pipeline.planner import MemoryPlan
+from llmc.pipeline.records import first_batch_output, relative_error
 from llmc.quant.fake_linear import FakeQuantLinear, fake_weights_reused
 
 
@@ -262,6 +263,7 @@ class BlockwisePipeline:
         quant_out: bool = False,
         progress: bool = True,
         desc: str = "blocks",
+        record_blocks: bool = False,
     ) -> None:
         self.model = model
         self.adapter = adapter
@@ -276,6 +278,12 @@ class BlockwisePipeline:
         """The memory plan the run was checked against (llmc.pipeline.planner.MemoryPlan)."""
         self.results: dict = {}
         """What methods report at the model-level steps, for results.json (set by llmc.schedule)."""
+        self.record_blocks = record_blocks
+        self.block_records: list[dict] = []
+        """With `record_blocks`, per processed block (results.json `blocks`, plotted by `llmc report`):
+        index, wall seconds, the relative output error of the processed block against the float one on
+        calibration batch 0 (one extra forward of that batch), and the device's peak memory so far (GiB,
+        CUDA only: cumulative, since resetting the peak per block would hide a run's overall peak)."""
 
     def _lap(self, stage: str, since: float) -> float:
         return add_elapsed(self.stage_seconds, stage, since, self.device)
@@ -324,6 +332,11 @@ class BlockwisePipeline:
                 with observe(ctx) if observe is not None else contextlib.nullcontext():
                     outs = ctx.forward()
             lap = self._lap("forward", lap)
+            measure = self.record_blocks and process is not None and inputs is not None and len(inputs) > 0
+            reference = None
+            if measure:
+                reference = outs[0] if outs is not None else first_batch_output(ctx)
+                lap = self._lap("block_error", lap)
             if process is not None:
                 process(ctx)
                 if inputs is not None:
@@ -338,9 +351,18 @@ class BlockwisePipeline:
             if inputs is not None:
                 inputs = inputs.with_hidden(outs)
             lap = self._lap("forward", lap)
+            error = None
+            if measure:
+                processed = outs[0] if self.quant_out else first_batch_output(ctx)
+                error = relative_error(processed, reference, ctx.token_mask(0))
+                lap = self._lap("block_error", lap)
             trip.come_back()
             self._lap("offload", lap)
             self.block_seconds.append(time.perf_counter() - start)
+            if self.record_blocks:
+                peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+                self.block_records.append({"block": index, "seconds": self.block_seconds[-1],
+                                           "output_rel_error": error, "peak_gib": peak})
         bar.close()
         return inputs
 
