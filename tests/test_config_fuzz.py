@@ -89,6 +89,9 @@ VALID: dict[str, list] = {
     "moe_all_experts": [True, False], "moe_min_tokens": [0, 128],
     "sparsity": [None, 0.5, 0.0], "pattern": ["unstructured", "2:4", "4:8"], "layer_sparsity": [None, [0.5], "owl"],
     "owl_lambda": [0.08], "owl_m": [5.0], "n_prune_layers": [None, 1, 4], "sparsity_out": [None, True, False],
+    "tasks": [[], ["piqa"], ["lambada_openai", "boolq"], ["nope"]], "num_fewshot": [None, 0, 5],
+    "limit": [None, 1, 20, 0.5, 0], "tasks_bs": [1, 8], "tasks_local": ["auto", True, False],
+    "round_zp": [None, True, False], "post_rope": [None, True, False],
 }
 SUBSECTIONS = {"weight": WeightQuantSection, "act": ActQuantSection, "ignored_layers": IgnoredLayers}
 
