@@ -219,7 +219,9 @@ ROTATION_NOTES = [
     "linear (210 online transforms against SpinQuant's and QuaRot's 30); FlatQuant, which also transforms "
     "every linear's input online, reaches 28.07 (27.91 half-range), the lowest W4A4 row, 7.5 above FP32. "
     "FlatQuant took 179 s on the H200. Command: `bash benchmarks/device_run.sh accuracy --windows 40 "
-    "--table rotations --only ...` (rows in the command line above).",
+    "--table rotations --only ...` (rows in the command line above). GPTQ+NormTweaking (10 epochs x 2 rates) "
+    "again ran out of the call after the two FlatQuant rows and is not measured; on 2 CPU cores its training "
+    "(9600 steps over 8 x 512 tokens) would take hours.",
     "- \"not available\": the method was not registered in llmc when the row ran; \"error\": its run failed "
     "(message shown). `--resume` runs both again (a not-available row once its method is registered).",
 ]
