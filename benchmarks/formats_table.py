@@ -74,6 +74,8 @@ def formats_plan() -> list[tuple[str, str, dict]]:
         add(setting, "RTN", peer={"preset": preset, "method": "RTN"})
         if setting != "NVFP4 (W4A4)":
             add(setting, "GPTQ", GPTQ_PLAIN, peer={"preset": preset, "method": "GPTQ"})
+            # llm-compressor's observer takes every group's scale from the original weight before the sweep
+            add(setting, "GPTQ", {**GPTQ_PLAIN, "static_groups": True}, label="GPTQ, static groups")
     # 3.5 bits per weight: half the parameters at 3 bits, half at 4, chosen by measured sensitivity.
     mixed = {"bits_per_weight": 3.5, "bits": [3, 4]}
     add("W4A16 g128", "RTN", label="RTN, auto-scheme 3.5 bpw", auto_scheme=mixed)
