@@ -47,6 +47,7 @@ KV_ROWS = {
 
 
 def formats_plan() -> list[tuple[str, str, dict]]:
+    """Rows as (setting, label, config sections); labels hold no comma (`--only` splits on commas)."""
     runs: list[tuple[str, str, dict]] = [("FP32", "FP", {})]
 
     def add(setting: str, method: str, special: dict | None = None, label: str | None = None,
@@ -75,11 +76,11 @@ def formats_plan() -> list[tuple[str, str, dict]]:
         if setting != "NVFP4 (W4A4)":
             add(setting, "GPTQ", GPTQ_PLAIN, peer={"preset": preset, "method": "GPTQ"})
             # llm-compressor's observer takes every group's scale from the original weight before the sweep
-            add(setting, "GPTQ", {**GPTQ_PLAIN, "static_groups": True}, label="GPTQ, static groups")
+            add(setting, "GPTQ", {**GPTQ_PLAIN, "static_groups": True}, label="GPTQ static groups")
     # 3.5 bits per weight: half the parameters at 3 bits, half at 4, chosen by measured sensitivity.
     mixed = {"bits_per_weight": 3.5, "bits": [3, 4]}
-    add("W4A16 g128", "RTN", label="RTN, auto-scheme 3.5 bpw", auto_scheme=mixed)
-    add("W4A16 g128", "GPTQ", GPTQ_PLAIN, label="GPTQ, auto-scheme 3.5 bpw", auto_scheme=mixed)
+    add("W4A16 g128", "RTN", label="RTN auto-scheme 3.5 bpw", auto_scheme=mixed)
+    add("W4A16 g128", "GPTQ", GPTQ_PLAIN, label="GPTQ auto-scheme 3.5 bpw", auto_scheme=mixed)
     for label, kv in KV_ROWS.items():
         add("KV cache (weights W8 RTN)", "RTN", label=label, **({"kvcache": kv} if kv else {}))
     return runs

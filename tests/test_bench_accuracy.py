@@ -98,6 +98,7 @@ def test_every_table_starts_with_the_float_row(table):
     plan = accuracy.TABLES[table][0]()
     assert plan[0] == ("FP32", "FP", {})
     assert len({(setting, method) for setting, method, _ in plan}) == len(plan)  # rows are keyed by these
+    assert not [label for setting, method, _ in plan for label in (setting, method) if "," in label]  # --only splits
 
 
 @pytest.mark.parametrize("table", ["rotations", "formats"])
