@@ -36,7 +36,7 @@ KV_ROWS = {
     "float KV": None,
     "Naive FP8 per-tensor": {"method": "Naive", "quant_type": "float-quant", "bit": "e4m3"},
     # what vLLM's FP8 cache applies (and what an export writes): keys after RoPE
-    "Naive FP8 per-tensor, post-RoPE": {"method": "Naive", "quant_type": "float-quant", "bit": "e4m3",
+    "Naive FP8 per-tensor post-RoPE": {"method": "Naive", "quant_type": "float-quant", "bit": "e4m3",
                                         "post_rope": True},
     "Naive int8 per-tensor": {"method": "Naive", "bit": 8},
     "Naive int8 per-head": {"method": "Naive", "bit": 8, "granularity": "per_head"},
