@@ -108,13 +108,18 @@ def test_layer_keeps_columns_float_and_quantizes_the_rest():
         assert torch.equal(fq(x), nn.functional.linear(xq, w, fq.bias))
 
 
-def test_resume_restores_the_outlier_columns(tmp_path):
-    m = method("QUIK", W4, A4, fp_features=4)
+def resumed(m, tmp_path):
+    """A block the method processed, and a fresh one restored from its per-block checkpoint."""
     done = run(m, toy_inputs())
     tensors, meta = block_tensors(done)
     save_file(tensors, str(tmp_path / "b.safetensors"), metadata=meta)
     fresh = ToyBlock()
     restore_block(tmp_path / "b.safetensors", fresh, m.restore_linear)
+    return done, fresh
+
+
+def test_resume_restores_the_outlier_columns(tmp_path):
+    done, fresh = resumed(method("QUIK", W4, A4, fp_features=4), tmp_path)
     for name in ("up", "gate", "down"):
         a, b = done.get_submodule(name), fresh.get_submodule(name)
         assert type(b) is OutlierColumnLinear and torch.equal(a.outlier_idx, b.outlier_idx)
@@ -344,12 +349,7 @@ def test_gptq_first_group_is_gptq_of_the_rest_columns():
 
 
 def test_resume_restores_gptq_groups(tmp_path):
-    m = method("OWQ", W3G, n_outlier=5, actorder=True)
-    done = run(m, toy_inputs())
-    tensors, meta = block_tensors(done)
-    save_file(tensors, str(tmp_path / "b.safetensors"), metadata=meta)
-    fresh = ToyBlock()
-    restore_block(tmp_path / "b.safetensors", fresh, m.restore_linear)
+    done, fresh = resumed(method("OWQ", W3G, n_outlier=5, actorder=True), tmp_path)
     for name in ("up", "gate", "down"):
         a, b = done.get_submodule(name), fresh.get_submodule(name)
         assert type(b) is OutlierColumnLinear and torch.equal(a.g_idx, b.g_idx)
