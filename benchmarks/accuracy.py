@@ -219,9 +219,10 @@ ROTATION_NOTES = [
     "linear (210 online transforms against SpinQuant's and QuaRot's 30); FlatQuant, which also transforms "
     "every linear's input online, reaches 28.07 (27.91 half-range), the lowest W4A4 row, 7.5 above FP32. "
     "FlatQuant took 179 s on the H200. Command: `bash benchmarks/device_run.sh accuracy --windows 40 "
-    "--table rotations --only ...` (rows in the command line above). GPTQ+NormTweaking (10 epochs x 2 rates) "
-    "again ran out of the call after the two FlatQuant rows and is not measured; on 2 CPU cores its training "
-    "(9600 steps over 8 x 512 tokens) would take hours.",
+    "--table rotations --only ...` (rows in the command line above).",
+    "- Session 10 (2026-12-01, code at 9070e05): GPTQ+NormTweaking W3A16 g128 (10 epochs x 2 rates) 51.98 "
+    "against GPTQ's 56.57, 57.5 s on the H200. Command: `ACCURACY_TIMEOUT=330 bash benchmarks/device_run.sh "
+    "accuracy --windows 40 --table rotations --only \"W3A16 g128/GPTQ+NormTweaking\"`.",
     "- \"not available\": the method was not registered in llmc when the row ran; \"error\": its run failed "
     "(message shown). `--resume` runs both again (a not-available row once its method is registered).",
 ]

@@ -102,6 +102,9 @@ FORMAT_NOTES = [
     "setting; compare with the W3A16 g128 and W4A16 g128 rows of the same method.",
     "- KV-cache rows: weights W8 per-channel RTN (near float), then the keys (before RoPE unless the row says "
     "post-RoPE) and values fake-quantized as stored in the cache; `float KV` is the same run without it.",
+    "- Session 10 (2026-12-01, code at 9070e05, shown as 9070e05-dirty: the device copy held the updated "
+    "result files): the remaining rows, `bash benchmarks/device_run.sh accuracy --windows 40 --table formats` "
+    "(with `--resume`, every row not yet in the table).",
     "- \"not available\": the method was not registered in llmc when the row ran; \"error\": its run failed "
     "(message shown). `--resume` runs both again.",
 ]
