@@ -6,6 +6,7 @@ is written; outputs appear only complete (see `llmc.save`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import random
@@ -32,8 +33,10 @@ from llmc.methods.sparse_base import SparseMethod
 from llmc.models import LoadedModel, ModelAdapter, load_model
 from llmc.models.loader import check_model_paths
 from llmc.models.moe import moe_calibration, moe_routing
-from llmc.pipeline import BlockwisePipeline
+from llmc.pipeline import BlockwisePipeline, distributed
 from llmc.pipeline.checkpoint import RunCheckpoint, checkpoint_folder, config_fingerprint
+from llmc.pipeline.stream_output import StreamedOutputs, streamed_outputs
+from llmc.pipeline.streaming import block_store, check_stream_config, check_stream_methods
 from llmc.quant import quant_disabled
 from llmc.save import (
     FAKE_DIR,
@@ -100,20 +103,54 @@ def compress(
     """Run everything the config asks for; returns the model and the measured numbers.
 
     `resume`: auto (continue from a matching checkpoint beside save_path, see
-    `llmc.pipeline.checkpoint`), require (one must exist: `llmc run --resume`) or never."""
+    `llmc.pipeline.checkpoint`), require (one must exist: `llmc run --resume`) or never.
+
+    Launched by torchrun (WORLD_SIZE > 1), the calibration is data-parallel (`llmc.pipeline.distributed`):
+    every process returns the same model; only rank 0 prints and writes outputs."""
     cfg = config if isinstance(config, LlmcConfig) else load_config(config, overrides)
     seed_everything(cfg.base.seed)
     device = resolve_device(cfg.base.device)
     methods = build_methods(cfg)
+    world = max(distributed.env_world_size(), distributed.world_size())
+    if world > 1:
+        check_data_parallel(cfg, methods, world, resume)
+    with distributed.process_group(device) as device:
+        result = _compress(cfg, methods, device, progress and distributed.is_main(), resume)
+        distributed.barrier()  # the other ranks wait for rank 0's outputs
+    return result
+
+
+def check_data_parallel(cfg: LlmcConfig, methods: list[CompressionMethod], world: int, resume: str) -> None:
+    """What a data-parallel run cannot do yet, refused with one line before the model loads."""
+    distributed.check_methods(methods, world)
+    if resume == "require":
+        raise ConfigError("--resume: data-parallel runs are not checkpointed yet; resume on one process (without "
+                          "torchrun) or drop --resume")
+    if getattr(cfg.model, "stream", False):
+        raise ConfigError("model.stream: disk-streamed models do not support data-parallel calibration yet; set "
+                          "model.stream: false or run on one process (without torchrun)")
+    if cfg.calib is not None and any(m.uses_calibration for m in methods):
+        distributed.check_batches(cfg.calib.n_samples, cfg.calib.bs, world)
+
+
+def _compress(cfg: LlmcConfig, methods: list[CompressionMethod], device: torch.device, progress: bool,
+              resume: str) -> RunResult:
     check_export_refusals(cfg, methods)
-    out_path = check_output_path(cfg.save.save_path, cfg.save.overwrite, cfg.model.path)
+    if cfg.model.stream:
+        check_stream_config(cfg)
+        check_stream_methods(methods)
+    # rank 0 alone owns the output folder (and recovers killed runs' folders there)
+    out_path = (check_output_path(cfg.save.save_path, cfg.save.overwrite, cfg.model.path)
+                if distributed.is_main() else None)
     exporters = requested_exporters(cfg)
     for exporter in exporters:
         exporter.check(cfg)
     check_model_paths(cfg.model)
     check_data_paths(cfg)  # calib (even unused) and eval sources, before the model loads
     lm_tasks.check_tasks(cfg.eval)
-    checkpoint = run_checkpoint(cfg, out_path, methods, resume)
+    checkpoint = run_checkpoint(cfg, out_path, methods, resume) if not distributed.is_distributed() else None
+    if distributed.is_distributed() and out_path is not None and cfg.save.checkpoint and methods:
+        log.info("no per-block checkpoints: data-parallel runs are not checkpointed yet")
     resume_state = checkpoint.open(resume) if checkpoint is not None else None
     timings: dict[str, float] = {}
 
@@ -141,6 +178,8 @@ def compress(
     }
     result = RunResult(cfg, loaded.model, loaded.tokenizer, loaded.adapter, timings=timings, save_path=out_path,
                        resumed_after_block=resume_state["done"] if resume_state is not None else None)
+    streamed = block_store(loaded.model) is not None  # model.stream: blocks read from disk, outputs written per block
+    stream_out = streamed_outputs(cfg, loaded.model, out_path)
 
     def evaluate(position: str) -> None:
         if cfg.eval is None or position not in cfg.eval.eval_pos:
@@ -149,13 +188,18 @@ def compress(
             result.perplexity.extend(PplResult(**r) for r in checkpoint.perplexity)  # measured before the crash
         else:
             for name, win in windows.items():
-                r = evaluate_perplexity(
-                    loaded.model, loaded.adapter, win, device, cfg.eval.bs, cfg.eval.inference_per_block,
-                    dataset=name, position=position, progress=progress,
-                )
+                def measure(part: torch.Tensor, name: str = name) -> PplResult:
+                    with stream_out.evaluating(loaded.model, position) if stream_out else contextlib.nullcontext():
+                        return evaluate_perplexity(
+                            loaded.model, loaded.adapter, part, device, cfg.eval.bs,
+                            cfg.eval.inference_per_block or streamed, dataset=name, position=position,
+                            progress=progress,
+                        )
+
+                r = distributed.split_perplexity(measure, win, name, position)  # windows split over ranks
                 log.info("ppl %s [%s] = %.4f (%d windows x %d tokens)", name, position, r.ppl, r.windows, r.seq_len)
                 result.perplexity.append(r)
-        if cfg.eval.tasks:
+        if cfg.eval.tasks and distributed.is_main():  # the other ranks wait at their next collective
             result.downstream.extend(
                 lm_tasks.evaluate_tasks(loaded.model, loaded.tokenizer, loaded.adapter, device, cfg.eval, position)
             )
@@ -168,6 +212,8 @@ def compress(
         pipeline = compress_model(cfg, loaded, methods, device, calib_docs, progress, checkpoint, resume_state)
         result.method_results = dict(getattr(pipeline, "results", {}) or {})
         result.blocks = list(getattr(pipeline, "block_records", []))
+        if stream_out is not None:
+            stream_out.finish(loaded.model, loaded.tokenizer)
         timings["quantize_s"] = time.perf_counter() - start
         if checkpoint is not None:
             timings["checkpoint_s"] = checkpoint.write_seconds
@@ -175,10 +221,11 @@ def compress(
         with quant_disabled(loaded.model):
             evaluate("transformed")
         evaluate("fake_quant")
-    print_table(result)
+    if distributed.is_main():
+        print_table(result)
     if out_path is not None:
         check_model_weights(loaded.model)  # no NaN/Inf weight is ever saved
-        write_outputs(result, out_path, device)
+        write_outputs(result, out_path, device, stream_out)
     if checkpoint is not None:
         checkpoint.remove()
     return result
@@ -203,6 +250,10 @@ def run_checkpoint(
     cfg: LlmcConfig, out_path: Path | None, methods: list[CompressionMethod], resume: str
 ) -> RunCheckpoint | None:
     """The run's resume checkpoint: beside save_path, when there is one and save.checkpoint is on."""
+    if cfg.model.stream:  # a checkpoint restores blocks into memory; streamed runs are not checkpointed yet
+        if resume == "require":
+            raise ConfigError("--resume: model.stream runs are not checkpointed yet; drop --resume or model.stream")
+        return None
     if out_path is None or not cfg.save.checkpoint or not methods:
         if resume == "require":
             raise ConfigError("--resume needs save.save_path and save.checkpoint: true (checkpoints live beside "
@@ -227,6 +278,7 @@ def compress_model(
         c = cfg.calib
         batches = build_calibration(calib_docs, loaded.tokenizer, c.n_samples, c.seq_len, c.bs, c.preproc,
                                     cfg.calib_seed)
+        batches = distributed.shard(batches)  # data-parallel: this rank's contiguous share, built alike everywhere
     with moe_calibration(loaded.model, cfg.calib, batches):  # MoE: every token through every expert, counted
         return compress_batches(cfg, loaded.model, loaded.adapter, methods, device, batches, progress,
                                 checkpoint, resume_state)
@@ -271,6 +323,7 @@ def results_dict(result: RunResult, device: torch.device) -> dict:
         "sparse": result.methods,
         "methods": result.method_results,
         "resumed_after_block": result.resumed_after_block,
+        "world_size": distributed.world_size(),
         "moe_routing": moe_routing(result.model),
         "environment": {
             "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
@@ -282,15 +335,20 @@ def results_dict(result: RunResult, device: torch.device) -> dict:
     }
 
 
-def write_outputs(result: RunResult, out_path: Path, device: torch.device) -> None:
+def write_outputs(result: RunResult, out_path: Path, device: torch.device,
+                  streamed: StreamedOutputs | None = None) -> None:
     save = result.config.save
     with atomic_output_dir(out_path, save.overwrite, result.config.model.path) as tmp:
+        exporters = requested_exporters(result.config)
+        if streamed is not None:  # every output was written block by block (llmc.pipeline.stream_output)
+            streamed.move_into(tmp)
+            save, exporters = save.model_copy(update={"save_trans": False, "save_fake": False}), []
         if save.save_trans:
             save_hf_model(result.model, result.tokenizer, tmp / TRANS_DIR, fake=False, adapter=result.adapter)
         kill_point("save")
         if save.save_fake:
             save_hf_model(result.model, result.tokenizer, tmp / FAKE_DIR, fake=True, adapter=result.adapter)
-        for exporter in requested_exporters(result.config):
+        for exporter in exporters:
             folder = tmp / exporter.folder
             folder.mkdir()
             exporter.write(result.model, result.tokenizer, folder, result.config)

@@ -27,6 +27,7 @@ from llmc.models import ModelAdapter
 from llmc.pipeline import BlockContext, BlockwisePipeline, capture_block_inputs
 from llmc.pipeline.checkpoint import RunCheckpoint, Wrap
 from llmc.pipeline.planner import check_fits, plan_memory
+from llmc.pipeline.streaming import block_store
 from llmc.quant.schemes import check_overrides, is_float, scheme_for
 
 log = logging.getLogger("llmc")
@@ -157,7 +158,10 @@ def compress_batches(
     plan = plan_memory(
         model, blocks, n_samples, seq_len, batch_size, device,
         method_bytes=max(m.extra_device_bytes(model, adapter, n_samples * seq_len) for m in methods),
-        cache_policy=cfg.base.act_cache,
+        cache_policy=cfg.base.act_cache, measure_process=True,
+        save_fake=bool(cfg.save.save_path and cfg.save.save_fake),
+        save_trans=bool(cfg.save.save_path and cfg.save.save_trans),
+        eval_tokens=cfg.eval.bs * cfg.eval.seq_len if cfg.eval is not None and cfg.eval.eval_pos else 0,
     )
     log.info(plan.describe())
     check_fits(plan, device)
@@ -211,6 +215,9 @@ def compress_batches(
             method.after_block(ctx, outputs)
         if checkpoint is not None:
             checkpoint.save_block(ctx.index, ctx.block, methods)
+        store = block_store(model)
+        if store is not None and store.sink is not None:  # a streamed run writes each block as it finishes
+            store.sink(ctx.index, ctx.block)
 
     # Only the first method sees the block as it came; the others see it transformed.
     try:

@@ -199,7 +199,7 @@ def test_bad_special_is_config_error(special, key):
 
 
 def test_search_tokens_limits_the_scored_batches():
-    from llmc.methods.awq import search_batches
+    from llmc.methods.awq_search import search_batches
     from llmc.pipeline import BlockContext
     from llmc.pipeline.capture import BlockInputs
 

@@ -65,7 +65,7 @@ VALID: dict[str, list] = {
     "type": ["auto", "Llama", "OPT", "Foo"], "path": ["m", "/x/y"],
     "tokenizer_path": [None, "tok"], "tokenizer_mode": ["fast", "slow"], "gguf_file": [None, "m.gguf"],
     "torch_dtype": ["auto", "float32", "bfloat16"], "trust_remote_code": [True, False],
-    "allow_pickle": [True, False], "checkpoint": [True, False],
+    "allow_pickle": [True, False], "checkpoint": [True, False], "stream": [True, False],
     "name": ["wikitext2", "c4", "pileval"], "download": [False, True],
     "n_samples": [1, 4, 128], "bs": [-1, 1, 4], "seq_len": [2, 64, 2048], "preproc": ["general", "padded_docs"],
     "text_key": ["text"], "eval_pos": [[], ["pretrain"], ["pretrain", "fake_quant", "transformed"]],

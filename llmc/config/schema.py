@@ -164,6 +164,11 @@ class ModelSection(Section):
         False, description="Load pickled weights (pytorch_model.bin, .pt, .pth); unpickling can run code, so only "
         "safetensors and GGUF load unless this is true."
     )
+    stream: bool = Field(
+        False, description="Disk-streamed model: each decoder block is read from the safetensors when the pipeline "
+        "needs it and freed after (outputs written block by block), so host memory holds about one block plus the "
+        "activation cache; see README, Models larger than host memory."
+    )
 
 
 class CalibSection(Section):

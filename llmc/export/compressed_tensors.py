@@ -83,19 +83,27 @@ def module_state(module: FakeQuantLinear, quant, dtype: torch.dtype) -> dict[str
 
 def compressed_state_dict(model: nn.Module, cfg: LlmcConfig) -> tuple[dict[str, Tensor], list[str]]:
     """The whole checkpoint's tensors, and the names of the linears left in float (`ignore`)."""
+    return compressed_tensors_of(model, cfg, model_dtype(model)), ignore_list(model, cfg)
+
+
+def compressed_tensors_of(module: nn.Module, cfg: LlmcConfig, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The tensors of `module` (the model, or one block of a streamed run) with every fake-quant
+    linear compressed."""
     from compressed_tensors.compressors import BaseCompressor
 
     scheme = ct_scheme(cfg.quant)
     compressor = BaseCompressor.get_value_from_registry(ct_format(cfg.quant))
-    dtype = model_dtype(model)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    for name, module in fake_quant_modules(model):
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    for name, fq in fake_quant_modules(module):
         for key in [k for k in state if k.startswith(f"{name}.")]:
             del state[key]
-        local = compressor.compress(module_state(module, cfg.quant, dtype), scheme)
+        local = compressor.compress(module_state(fq, cfg.quant, dtype), scheme)
         state.update({f"{name}.{k}": v.contiguous() for k, v in local.items()})
-    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] + float_role_patterns(model, cfg)
-    return state, ignore
+    return state
+
+
+def ignore_list(model: nn.Module, cfg: LlmcConfig) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] + float_role_patterns(model, cfg)
 
 
 def float_role_patterns(model: nn.Module, cfg: LlmcConfig) -> list[str]:

@@ -36,6 +36,13 @@ Config keys: `quant.weight.*` (the quantizer Q), `quant.special.{trans (true), t
 search_tokens (65536, AutoAWQ's budget: the searches' error is measured on the leading calibration
 batches holding up to this many tokens; null = all)}`.
 The search is weight-only: activation quantization is not simulated in the objective.
+
+Data-parallel calibration (`llmc.pipeline.distributed`): channel means are reduced as sums and
+counts; the searched batches are the leading ones of the whole calibration set (a rank may hold
+all, some or none); each candidate's squared error is summed over ranks before comparing; the clip
+sample is gathered in rank order, each rank sampling at its global token offset: the one-process
+rows whenever every real token reaches the group (dense groups; MoE experts with
+`calib.moe_all_experts`), rows as evenly spaced but not the same for a routed-only expert.
 """
 
 from __future__ import annotations
@@ -43,7 +50,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -51,9 +57,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from llmc.methods.awq_search import GroupRecord, _record, _recording, search_span
 from llmc.methods.base import QuantMethod, register_method
 from llmc.methods.transforms import fold_scales, producer_channels, tie_gqa_scales, transformed_online
 from llmc.models.adapter import LinearGroup, ModelAdapter
+from llmc.pipeline import distributed
 from llmc.pipeline.blockwise import BlockContext, ModuleCall, real_tokens
 
 
@@ -79,6 +87,7 @@ class AWQ(QuantMethod):
     name = "AWQ"
     Special = AWQSpecial
     module_schemes = True
+    data_parallel = True  # statistics, errors and clip samples are reduced over ranks (see the docstring)
     clip_grid = 20
     clip_max_shrink = 0.5
     clip_tokens = 512
@@ -109,14 +118,14 @@ class AWQ(QuantMethod):
             yield
             return
         groups = [(g.inspect, mods) for g, mods, _ in self._scaled_groups(ctx)]
-        with _recording(ctx, groups, search_batches(ctx, self.special.search_tokens), 0) as records:
+        with _recording(ctx, groups, search_span(ctx, self.special.search_tokens), 0) as records:
             yield
         self._observed = (ctx.block, records)
 
     @torch.no_grad()
     def process_block(self, ctx: BlockContext) -> None:
         sp = self.special
-        searched = search_batches(ctx, sp.search_tokens)
+        searched = search_span(ctx, sp.search_tokens)
         observed, self._observed = self._observed, None
         if sp.trans:
             scaled = self._scaled_groups(ctx)
@@ -189,19 +198,18 @@ class AWQ(QuantMethod):
                 s = tie_gqa_scales(s, producer_out, head_dim)
             return s
 
-        best_err, best_s = math.inf, None
+        errors = []
         for i in range(self.special.n_grid):
             s = candidate(i / self.special.n_grid)
             for m, wf, q in zip(linears, floats, quantizers):
                 m.weight.copy_(q.fake_quant(wf * s).div_(s))
-            err = _output_error(module, calls, masks)
-            if err < best_err:
-                best_err, best_s = err, s
+            errors.append(_output_error(module, calls, masks))
         del floats
         for m, w in zip(linears, originals):
             m.weight.copy_(w)
-        if best_s is not None:
-            fold_scales(prev, linears + ctx.readers(group), best_s, head_dim)
+        best = _first_min(distributed.sum_floats(errors))  # data-parallel: summed over ranks
+        if best is not None:
+            fold_scales(prev, linears + ctx.readers(group), candidate(best / self.special.n_grid), head_dim)
 
     def _weight_mean(self, weights: list[Tensor], quantizers: list, device: torch.device) -> Tensor:
         """Mean over output rows of |W| normalized by its quantization group's max |W| (each linear's own groups)."""
@@ -224,12 +232,12 @@ class AWQ(QuantMethod):
         quantizers = {n: self.quantizers_for(ctx, n)[0] for n in mods}
         for n, m in mods.items():
             m.weight.copy_(quantizers[n].fake_quant(floats[n]).to(dtype))
-        best = _output_error(module, calls, masks)
+        best = distributed.sum_floats([_output_error(module, calls, masks)])[0]  # data-parallel: over all ranks
         for n, m in mods.items():
             fq = quantizers[n].fake_quant
             clipped = self._clip_weight(floats[n], sample, quantizers[n])
             m.weight.copy_(fq(clipped).to(dtype))
-            err = _output_error(module, calls, masks)
+            err = distributed.sum_floats([_output_error(module, calls, masks)])[0]
             if err < best:
                 best, floats[n] = err, clipped
             else:
@@ -280,108 +288,6 @@ def _head_dim(ctx: BlockContext) -> int | None:
         return None
 
 
-@dataclass
-class GroupRecord:
-    """What one group's searches use, from one recording forward of the block."""
-
-    calls: list[ModuleCall]
-    """The inspect module's calls in the search batches."""
-    masks: list[Tensor | None]
-    """The token masks of those calls (None: all tokens are real, or the shapes do not match)."""
-    x_mean: Tensor | None = None
-    """Mean |input| per channel of the group, over every real calibration token (float32)."""
-    sample: Tensor | None = None
-    """About `clip_tokens` evenly spaced real input rows of the search batches (float32)."""
-
-
-def search_batches(ctx: BlockContext, limit: int | None) -> int:
-    """How many leading calibration batches hold at most `limit` real tokens (at least one)."""
-    count = len(ctx.inputs)
-    if limit is None:
-        return count
-    total = 0
-    for i in range(count):
-        total += ctx.inputs.batch_tokens(i)
-        if total > limit:
-            return max(i, 1)
-    return count
-
-
-@contextlib.contextmanager
-def _recording(
-    ctx: BlockContext, groups: list[tuple[str, dict[str, nn.Module]]], searched: int, clip_tokens: int
-) -> Iterator[list[GroupRecord]]:
-    """Record, during the block forwards run in this context, per (inspect module, group linears):
-    the inspect module's calls in the first `searched` batches, and either the group input's mean
-    |x| over all batches (`clip_tokens=0`, the scale search) or a sample of `clip_tokens` input
-    rows of the searched batches (the clip search). The list is filled on exit."""
-    records: list[GroupRecord] = []
-    firsts = [next(iter(mods)) for _, mods in groups]
-    sums = {n: _MeanAbs() for n in firsts} if not clip_tokens else {}
-    total = sum(ctx.inputs.batch_tokens(i) for i in range(searched))
-    samples = {n: _Sampler(total, clip_tokens, ctx.device) for n in firsts} if clip_tokens else {}
-
-    def observe(name: str, rows: Tensor) -> None:
-        if name in sums:
-            sums[name].add(rows)
-        if name in samples and ctx.batch < searched:
-            samples[name].add(rows)
-
-    with ctx.recording_calls([inspect for inspect, _ in groups], searched) as calls:
-        with ctx.hook_inputs(firsts, observe, only_real_tokens=True):
-            yield records
-    for (inspect, _), first in zip(groups, firsts):
-        found = calls[inspect]
-        masks = [ctx.token_mask(i) for i in range(searched)] if len(found) == searched else [None] * len(found)
-        records.append(GroupRecord(
-            found, masks, sums[first].mean(ctx.device) if sums else None,
-            samples[first].rows() if samples else None,
-        ))
-
-
-def _record(
-    ctx: BlockContext, groups: list[tuple[str, dict[str, nn.Module]]], searched: int, clip_tokens: int
-) -> list[GroupRecord]:
-    """`_recording` over one forward of the block (stopping after the searched batches for the clip search)."""
-    with _recording(ctx, groups, searched, clip_tokens) as records:
-        if groups:
-            ctx.forward_until(None, batches=searched if clip_tokens else None)
-    return records
-
-
-class _MeanAbs:
-    """Running mean of |x| per channel over rows `[tokens, channels]`, accumulated in float32."""
-
-    def __init__(self) -> None:
-        self.total: Tensor | None = None
-        self.count = 0
-
-    def add(self, rows: Tensor) -> None:
-        part = rows.abs().sum(dim=0, dtype=torch.float32)
-        self.total = part if self.total is None else self.total + part
-        self.count += rows.shape[0]
-
-    def mean(self, device: torch.device) -> Tensor | None:
-        return self.total.to(device) / self.count if self.count else None
-
-
-class _Sampler:
-    """About `n` evenly spaced rows out of `total` rows seen batch by batch (float32, on `device`)."""
-
-    def __init__(self, total: int, n: int, device: torch.device) -> None:
-        self.step, self.seen, self.n, self.device = max(1, total // n), 0, n, device
-        self.parts: list[Tensor] = []
-
-    def add(self, rows: Tensor) -> None:
-        self.parts.append(rows[(-self.seen) % self.step :: self.step].to(self.device, torch.float32))
-        self.seen += rows.shape[0]
-
-    def rows(self) -> Tensor | None:
-        """None when no row was sampled (no token reached the group in the searched batches)."""
-        rows = torch.cat(self.parts)[: self.n] if self.parts else None
-        return rows if rows is not None and len(rows) else None
-
-
 def _output_error(module: nn.Module, calls: list[ModuleCall], masks: list[Tensor | None]) -> float:
     """Summed squared error (float32) of re-running `module` against its recorded outputs."""
     total = None
@@ -390,3 +296,12 @@ def _output_error(module: nn.Module, calls: list[ModuleCall], masks: list[Tensor
         err = diff.pow_(2).sum()
         total = err if total is None else total + err
     return float(total) if total is not None else 0.0
+
+
+def _first_min(errors: list[float]) -> int | None:
+    """The index of the first smallest error (None: none is below infinity, e.g. all NaN)."""
+    best, index = math.inf, None
+    for i, err in enumerate(errors):
+        if err < best:
+            best, index = err, i
+    return index

@@ -281,6 +281,7 @@ class GroupIndexFakeQuantLinear(FakeQuantLinear):
 @register_method
 class GPTQ(QuantMethod):
     name = "GPTQ"
+    data_parallel = True  # its only statistic is the Hessian, reduced over ranks
     Special = GptqSpecial
     float_formats = FORMATS
     float_refusal = "its column sweep has no FP8 rounding and keeps scales per row, FP8 blocks one per 128 rows"

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from llmc.errors import NumericsError
 from llmc.pipeline.blockwise import BlockContext
+from llmc.pipeline.distributed import all_reduce, is_distributed
 
 DAMP_RETRIES = 4
 HALF_GEMM_FP32_OUT = [True]
@@ -132,8 +133,21 @@ def group_hessians(
     with ctx.hook_inputs(first, add, only_real_tokens=True):
         # groups are in execution order; later layers are not needed
         recorded = ctx.forward_until(first[-1], inclusive=False, replay=replay, record=record)
+    widths = [group[0][1].in_features for group in groups]
+    return finish_hessians([sums[n] for n in first], [tokens[n] for n in first], widths, ctx.device), recorded
+
+
+def finish_hessians(sums: list[Tensor | None], tokens: list[int], widths: list[int], device: torch.device
+                    ) -> list[Tensor]:
+    """H = 2/n X^T X from each group's summed `x^T x` (None: no token) and token count `n`. In a
+    data-parallel run (`llmc.pipeline.distributed`) the sums and counts of every rank are added first:
+    the one place the statistics of every Hessian-based method are reduced."""
+    if is_distributed():
+        sums = [torch.zeros(w, w, device=device) if s is None else s for s, w in zip(sums, widths)]
+        counts = torch.tensor(tokens, dtype=torch.int64, device=device)
+        all_reduce([*sums, counts])
+        tokens = counts.tolist()
     # A group no token reached (an MoE expert its router never chose, calibrated on routed tokens only)
     # has no statistics: the identity (no preference among columns) makes the solve plain rounding,
     # where a zero Hessian would mark every column dead and zero the weight.
-    return [sums[n].mul_(2 / tokens[n]) if tokens[n] else torch.eye(group[0][1].in_features, device=ctx.device)
-            for n, group in zip(first, groups)], recorded
+    return [s.mul_(2 / n) if n else torch.eye(w, device=device) for s, n, w in zip(sums, tokens, widths)]

@@ -199,6 +199,7 @@ class HQQ(QuantMethod):
     quantizes_only = True
     Special = HQQSpecial
     needs_calibration = False
+    data_parallel = True
 
     zero_points = frozenset({True, False})
 

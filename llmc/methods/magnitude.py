@@ -19,6 +19,7 @@ from llmc.pipeline.blockwise import BlockContext
 class Magnitude(SparseMethod):
     name = "Magnitude"
     needs_calibration = False
+    data_parallel = True
 
     @property
     def uses_calibration(self) -> bool:

@@ -62,7 +62,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
-from llmc.methods.awq import search_batches
+from llmc.methods.awq_search import search_batches
 from llmc.methods.base import QuantMethod, register_method
 from llmc.methods.smoothquant import is_norm
 from llmc.methods.transforms import fold_scales, producer_channels, tie_gqa_scales, transformed_online

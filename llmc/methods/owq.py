@@ -76,6 +76,11 @@ class OWQ(OutlierColumnMethod):
     name = "OWQ"
     Special = OwqSpecial
 
+    @property
+    def data_parallel(self) -> bool:
+        """With `gptq` the weak columns come from diag(H) (reduced over ranks); without, from input stats."""
+        return self.special.gptq
+
     def __init__(self, quant: QuantSection, special: dict | None = None, final: bool = True) -> None:
         super().__init__(quant, special, final)
         bit, target = quant.weight.bit, self.special.target_bit

@@ -88,6 +88,7 @@ def residual_rotation(n: int, mode: str, seed: int) -> Tensor:
 class QuaRot(QuantMethod):
     name = "QuaRot"
     needs_calibration = False
+    data_parallel = True  # the rotation is seeded by base.seed: the same on every rank
     Special = QuaRotSpecial
     save_flags: tuple[str, ...] = ()
 

@@ -20,6 +20,7 @@ class RTN(QuantMethod):
     name = "RTN"
     aliases = ("Naive",)
     needs_calibration = False
+    data_parallel = True
     float_quant = True
     module_schemes = True
 

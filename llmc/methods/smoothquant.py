@@ -17,6 +17,8 @@ one forward of the block over the calibration set, padding tokens excluded. A gr
 smoothed only when all its linears are quantization targets. Then every target is
 wrapped with the configured weight and activation quantizers (when this method is the
 last of a composition); static activation ranges are calibrated by the pipeline after.
+Data-parallel calibration (`llmc.pipeline.distributed`): the per-channel max |X| is a max over
+every rank's batches (all-reduced), so each rank computes the one-process scales exactly.
 
 Config keys: `quant.weight.*`, `quant.act.*` (per_token dynamic or per_tensor static),
 and under `quant.special`:
@@ -30,6 +32,7 @@ and under `quant.special`:
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
@@ -37,6 +40,7 @@ from llmc.methods.base import QuantMethod, register_method
 from llmc.methods.transforms import fold_scales, producer_channels, tie_gqa_scales, transformed_online
 from llmc.models.adapter import LinearGroup
 from llmc.pipeline.blockwise import BlockContext
+from llmc.pipeline.distributed import all_reduce, is_distributed
 
 
 class SmoothQuantSpecial(BaseModel):
@@ -64,12 +68,21 @@ def weight_absmax(linears: list[nn.Module]) -> Tensor:
     return torch.stack([m.weight.detach().float().abs().amax(dim=0) for m in linears]).amax(dim=0)
 
 
+def reduce_absmax(stats: dict[str, Tensor], widths: dict[str, int], device: torch.device) -> dict[str, Tensor]:
+    """The per-channel maxima of every rank (one MAX reduction); a name no rank saw stays absent."""
+    flat = torch.cat([stats[n] if n in stats else torch.full((w,), -1.0, device=device) for n, w in widths.items()])
+    all_reduce([flat], dist.ReduceOp.MAX)
+    parts = flat.split(list(widths.values()))
+    return {n: part for n, part in zip(widths, parts) if part[0] >= 0}
+
+
 @register_method
 class SmoothQuant(QuantMethod):
     name = "SmoothQuant"
     needs_calibration = True
     Special = SmoothQuantSpecial
     float_quant = True
+    data_parallel = True  # its statistic, max |X| per channel, is all-reduced (MAX)
 
     def smoothable(self, ctx: BlockContext) -> list[tuple[LinearGroup, list[nn.Module], nn.Module]]:
         """The groups to smooth in this block: (group, its linears, the producer of their input)."""
@@ -98,6 +111,8 @@ class SmoothQuant(QuantMethod):
         with ctx.hook_inputs(names, observe, only_real_tokens=True):
             # groups are in execution order; the block's outputs are not needed
             ctx.forward_until(names[-1], inclusive=False)
+        if is_distributed():
+            stats = reduce_absmax(stats, {n: ctx.block.get_submodule(n).in_features for n in names}, ctx.device)
         return stats
 
     @torch.no_grad()

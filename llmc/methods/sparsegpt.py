@@ -152,6 +152,7 @@ def join_quant(methods: list[CompressionMethod], quant_targets: Callable[[BlockC
 @register_sparse_method
 class SparseGPT(SparseMethod):
     name = "SparseGPT"
+    data_parallel = True  # the Hessian is its only statistic (OWL's statistics pass is refused)
     # SmolLM2-135M, WikiText-2: 50% 42.01 with, 43.75 without; 2:4 88.4 with, 104.8 without.
     prefers_sparsity_out = True
     Special = SparseGptSpecial

@@ -262,6 +262,7 @@ class SpqrLinear(FakeQuantLinear):
 @register_method
 class SpQR(QuantMethod):
     name = "SpQR"
+    data_parallel = True  # GPTQ's schedule: the Hessian is its only statistic
     Special = SpqrSpecial
     prefers_quant_out = True
     quantizes_only = True

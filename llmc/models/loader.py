@@ -364,8 +364,13 @@ def load_model(cfg: ModelSection) -> LoadedModel:
         dtype = torch.float32
     try:
         auto = getattr(transformers, adapter.auto_class)  # AutoModelForCausalLM but for multi-modal families
-        model = converter.load(cfg) if converter else auto.from_pretrained(
-            expand(cfg.path), dtype=dtype, **kwargs, **load_kwargs)
+        if cfg.stream:  # meta model, blocks read one at a time (llmc.pipeline.streaming)
+            from llmc.pipeline.streaming import empty_model
+
+            model = empty_model(expand(cfg.path), auto, dtype, adapter, **kwargs)
+        else:
+            model = converter.load(cfg) if converter else auto.from_pretrained(
+                expand(cfg.path), dtype=dtype, **kwargs, **load_kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"cannot load the model at {cfg.path} ({_first_line(exc)}); check model.path") from None
     if cfg.gguf_file:

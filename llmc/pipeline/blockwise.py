@@ -20,9 +20,11 @@ from tqdm.auto import tqdm
 from llmc.errors import NumericsError
 from llmc.models.adapter import LinearGroup, ModelAdapter
 from llmc.pipeline.capture import BlockInputs
+from llmc.pipeline.distributed import broadcast_block, reduce_ranges
 from llmc.pipeline.offload import ModuleHome
 from llmc.pipeline.planner import MemoryPlan
 from llmc.pipeline.records import first_batch_output, relative_error
+from llmc.pipeline.streaming import block_store
 from llmc.quant.fake_linear import FakeQuantLinear, fake_weights_reused
 
 
@@ -316,7 +318,8 @@ class BlockwisePipeline:
             block = blocks[index]
             if inputs is not None:
                 inputs = inputs.for_block(index)
-            trip = ModuleHome(block, self.device)
+            store = block_store(self.model)  # a disk-streamed model reads the block (llmc.pipeline.streaming)
+            trip = store.trip(index, block, self.device) if store is not None else ModuleHome(block, self.device)
             trip.leave()
             ctx = BlockContext(
                 index=index,
@@ -341,6 +344,7 @@ class BlockwisePipeline:
                 process(ctx)
                 if inputs is not None:
                     calibrate_static_activations(ctx)
+                broadcast_block(block)  # data-parallel runs: every rank continues from rank 0's block
             lap = self._lap("process", lap)
             if inputs is not None:
                 if outs is None:
@@ -400,5 +404,7 @@ def calibrate_static_activations(ctx: BlockContext) -> None:
     for m in static:
         m.observing = True
     ctx.forward()
-    for m in static:
+    lows, highs = reduce_ranges([m._a_min for m in static], [m._a_max for m in static])  # over data-parallel ranks
+    for m, lo, hi in zip(static, lows, highs):
+        m._a_min, m._a_max = lo, hi
         m.finish_observing()

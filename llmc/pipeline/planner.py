@@ -4,16 +4,25 @@ cache, and refuse a run that cannot fit with a message that says what to change.
 The estimate follows the schedule: one block's weights on the device, the calibration
 hidden states (a block's inputs and its outputs coexist), one batch's transient activations
 inside the block, and what the methods keep (Hessians, recorded module calls).
+
+Host memory: the process as it is when the plan is made (Python, torch, the tokenizer and data;
+`host_runtime_bytes`), the model's tensors in memory (all of them, or for a disk-streamed model the
+non-block ones plus two blocks: the one read and its copy in the model's dtype), and the activation
+cache when it is not on the device; on a CPU run the device is the host, so the block's transients,
+the methods' state and a perplexity batch's logits are host memory too. Writing the outputs comes
+after the block loop: its copies count against the loop's peak, not on top of it.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from llmc.errors import LlmcError
+from llmc.pipeline.streaming import block_store, resident_bytes
 
 GIB = 1024**3
 
@@ -28,6 +37,16 @@ class MemoryPlan:
     device_total: int | None
     host_model_bytes: int
     batches: int = 1
+    host_runtime_bytes: int = 0
+    """The process's resident memory beyond the model's tensors when the plan was made."""
+    device_is_host: bool = False
+    streamed: bool = False
+    save_bytes: int = 0
+    """Host memory the outputs take while written (after the block loop): save_fake's fake-quantized
+    weights plus safetensors' serialized copy, of the whole model, or of one block when streamed."""
+    eval_bytes: int = 0
+    """Host memory one perplexity batch takes on a CPU run: its float32 logits and their log-softmax
+    (a 2048-token window of a 49k vocabulary: 0.75 GiB, more than a small model itself)."""
 
     @property
     def peak_device(self) -> int:
@@ -36,14 +55,22 @@ class MemoryPlan:
 
     @property
     def peak_host(self) -> int:
-        return self.host_model_bytes + (0 if self.cache_on_device else self.cache_bytes)
+        host = self.host_runtime_bytes + self.host_model_bytes
+        if self.device_is_host:  # the "device" memory is host memory; the block is already in host_model_bytes
+            loop = host + self.peak_device - self.block_bytes
+        else:
+            loop = host + (0 if self.cache_on_device else self.cache_bytes)
+        return max(loop, host + self.save_bytes, host + self.eval_bytes)
 
     def describe(self) -> str:
-        where = "device" if self.cache_on_device else "pinned host memory"
+        where = "host memory" if self.device_is_host or not self.cache_on_device else "device"
+        model = "streamed: non-block tensors + 2 blocks" if self.streamed else "model"
         return (
             f"memory plan: peak device {self.peak_device / GIB:.2f} GiB (block {self.block_bytes / GIB:.2f}, "
             f"activation cache {self.cache_bytes / GIB:.2f} on {where}, transient {self.transient_bytes / GIB:.2f}, "
-            f"method {self.method_bytes / GIB:.2f}); peak host {self.peak_host / GIB:.2f} GiB"
+            f"method {self.method_bytes / GIB:.2f}); peak host {self.peak_host / GIB:.2f} GiB ({model} "
+            f"{self.host_model_bytes / GIB:.2f}, process {self.host_runtime_bytes / GIB:.2f}, saving "
+            f"{self.save_bytes / GIB:.2f}, evaluating {self.eval_bytes / GIB:.2f})"
         )
 
 
@@ -75,6 +102,10 @@ def plan_memory(
     device: torch.device,
     method_bytes: int = 0,
     cache_policy: str = "auto",
+    measure_process: bool = False,
+    save_fake: bool = False,
+    save_trans: bool = False,
+    eval_tokens: int = 0,
 ) -> MemoryPlan:
     param = next(model.parameters())
     elem = param.element_size()
@@ -90,7 +121,31 @@ def plan_memory(
     on_device = cache_policy == "device" or (
         cache_policy == "auto" and (total is None or block + cache + transient + method_bytes < 0.85 * total)
     )
-    return MemoryPlan(block, cache, transient, method_bytes, on_device, total, _bytes(model), batches)
+    resident = resident_bytes(model)
+    streamed = block_store(model) is not None
+    host_model = resident + 2 * block if streamed else _bytes(model)
+    runtime = max(0, current_rss() - resident) if measure_process else 0
+    unit = max(blocks, key=_bytes) if streamed else model
+    written = _bytes(unit) if save_fake or save_trans else 0
+    fake = sum(m.weight.numel() * m.weight.element_size() for m in unit.modules() if isinstance(m, nn.Linear))
+    save = max(written + (fake if save_fake else 0), resident if streamed and written else 0)
+    return MemoryPlan(block, cache, transient, method_bytes, on_device, total, host_model, batches,
+                      host_runtime_bytes=runtime, device_is_host=device.type == "cpu", streamed=streamed,
+                      save_bytes=save, eval_bytes=2 * eval_tokens * _vocab(model) * 4 if device.type == "cpu" else 0)
+
+
+def _vocab(model: nn.Module) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return getattr(head, "out_features", None) or getattr(model.config, "vocab_size", 0)
+
+
+def current_rss() -> int:
+    """This process's resident memory now (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def check_fits(plan: MemoryPlan, device: torch.device) -> None:
