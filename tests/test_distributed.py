@@ -81,13 +81,20 @@ def ppls(out: Path) -> list[float]:
 # ---- the worker of the spawned two-process run ------------------------------------------------------
 
 
-def worker(rank: int, port: int, model_dir: str, work: str) -> None:
+def join_gloo_group(rank: int, port: int) -> None:
+    """A spawned worker joins the two-process gloo group, as torchrun's environment would set it up."""
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
+
+
+def worker(rank: int, port: int, model_dir: str, work: str) -> None:
+    import torch.distributed as dist
+
+    join_gloo_group(rank, port)
     work = Path(work)
     try:
         check_broadcast(rank, work)

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_distributed import W4G32, dp_config, fake_weights, free_port, model_dir  # noqa: F401 (fixture)
+from test_distributed import (  # noqa: F401 (model_dir: a fixture)
+    W4G32,
+    dp_config,
+    fake_weights,
+    free_port,
+    join_gloo_group,
+    model_dir,
+)
 
 import llmc
 
@@ -82,10 +88,7 @@ def run(folder: Path, name: str, out: Path) -> dict:
 def worker(rank: int, port: int, folder: str, work: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank), HF_HUB_OFFLINE="1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join_gloo_group(rank, port)
     work = Path(work)
     try:
         import llmc.runner
