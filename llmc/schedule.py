@@ -26,6 +26,7 @@ from llmc.methods.sparsegpt import is_joint_quantized, join_quant
 from llmc.models import ModelAdapter
 from llmc.pipeline import BlockContext, BlockwisePipeline, capture_block_inputs
 from llmc.pipeline.checkpoint import RunCheckpoint, Wrap
+from llmc.pipeline.disk_cache import DiskCache, cache_parent
 from llmc.pipeline.planner import check_fits, plan_memory
 from llmc.pipeline.streaming import block_store
 from llmc.quant.schemes import check_overrides, is_float, scheme_for
@@ -146,6 +147,16 @@ def compress_batches(
     inputs for `batches` (token ids), the statistics pass if asked for, the block loop, and the
     model-level finish. With `checkpoint` every finished block is checkpointed; with `resume`
     (a checkpoint's state) the finished blocks are restored and the loop goes on after them."""
+    # base.act_cache: disk keeps the activations in a folder made at the first write, removed at the end
+    with DiskCache(cache_parent(cfg.base.act_cache_dir, cfg.save.save_path)) as cache:
+        return _compress_batches(cfg, model, adapter, methods, device, batches, progress, checkpoint, resume, cache)
+
+
+def _compress_batches(
+    cfg: LlmcConfig, model: nn.Module, adapter: ModelAdapter, methods: list[CompressionMethod],
+    device: torch.device, batches: list[dict] | None, progress: bool,
+    checkpoint: RunCheckpoint | None, resume: dict | None, cache: DiskCache,
+) -> BlockwisePipeline:
     mctx = ModelContext(model, adapter, device=device, seed=cfg.base.seed)
     for method in methods:
         if isinstance(method, QuantMethod):
@@ -162,13 +173,15 @@ def compress_batches(
         save_fake=bool(cfg.save.save_path and cfg.save.save_fake),
         save_trans=bool(cfg.save.save_path and cfg.save.save_trans),
         eval_tokens=cfg.eval.bs * cfg.eval.seq_len if cfg.eval is not None and cfg.eval.eval_pos else 0,
+        cache_dir=str(cache.parent),
     )
     log.info(plan.describe())
     check_fits(plan, device)
     inputs = None
     if batches is not None:
         store = device if plan.cache_on_device else torch.device("cpu")
-        inputs = capture_block_inputs(model, adapter, batches, device, store_device=store)
+        hidden = cache.generation() if plan.cache_dir is not None else None
+        inputs = capture_block_inputs(model, adapter, batches, device, store_device=store, hidden_store=hidden)
         log.info("captured block inputs: %d batches, %d tokens", len(inputs), inputs.num_tokens())
 
     def targets_of(method: CompressionMethod, index: int) -> list[str]:
@@ -222,7 +235,7 @@ def compress_batches(
     # Only the first method sees the block as it came; the others see it transformed.
     try:
         pipeline.run(inputs, process, targets=lambda i: targets_of(methods[0], i), observe=methods[0].observe,
-                     after=after, first=first)
+                     after=after, first=first, consume=True)
     except BaseException:
         if checkpoint is not None:
             checkpoint.wait(quiet=True)  # a failed or interrupted run keeps every block it finished

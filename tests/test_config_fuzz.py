@@ -61,11 +61,11 @@ trees = st.recursive(
 
 
 VALID: dict[str, list] = {
-    "seed": [0, 1, 42, None], "device": ["cpu", "auto", "cuda:1"], "act_cache": ["auto", "device", "cpu"],
+    "seed": [0, 1, 42, None], "device": ["cpu", "auto", "cuda:1"], "act_cache": ["auto", "device", "cpu", "disk"],
     "type": ["auto", "Llama", "OPT", "Foo"], "path": ["m", "/x/y"],
     "tokenizer_path": [None, "tok"], "tokenizer_mode": ["fast", "slow"], "gguf_file": [None, "m.gguf"],
     "torch_dtype": ["auto", "float32", "bfloat16"], "trust_remote_code": [True, False],
-    "allow_pickle": [True, False], "checkpoint": [True, False], "stream": [True, False],
+    "allow_pickle": [True, False], "checkpoint": [True, False], "stream": [True, False], "act_cache_dir": [None, "cache"],
     "name": ["wikitext2", "c4", "pileval"], "download": [False, True],
     "n_samples": [1, 4, 128], "bs": [-1, 1, 4], "seq_len": [2, 64, 2048], "preproc": ["general", "padded_docs"],
     "text_key": ["text"], "eval_pos": [[], ["pretrain"], ["pretrain", "fake_quant", "transformed"]],

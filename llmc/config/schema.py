@@ -143,9 +143,21 @@ class BaseSection(Section):
     device: Annotated[str, AfterValidator(_check_device)] = Field(
         "auto", description="Compute device for one block at a time: auto (cuda if present), cpu, cuda, cuda:N."
     )
-    act_cache: Literal["auto", "device", "cpu"] = Field(
-        "auto", description="Where calibration activations live: auto (the memory planner decides), device, cpu."
+    act_cache: Literal["auto", "device", "cpu", "disk"] = Field(
+        "auto", description="Where calibration activations live: auto (the memory planner decides: device, else "
+        "cpu), device, cpu, or disk (one file per batch, host memory near one batch; opt-in, slower)."
     )
+    act_cache_dir: str | None = Field(
+        None, description="With act_cache: disk, where the run makes its cache folder (default: beside "
+        "save.save_path, else the system temp dir); that folder is removed when the run ends, also on errors."
+    )
+
+    @model_validator(mode="after")
+    def _cache_dir(self) -> BaseSection:
+        if self.act_cache_dir is not None and self.act_cache != "disk":
+            raise ValueError(f"act_cache_dir is used only with act_cache: disk (act_cache is {self.act_cache}); "
+                             "set act_cache: disk or remove act_cache_dir")
+        return self
 
 
 class ModelSection(Section):

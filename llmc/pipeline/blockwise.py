@@ -89,8 +89,9 @@ class BlockContext:
         self.batch = index
 
     def inputs_on_device(self) -> bool:
-        """Whether the calibration activations are cached on the compute device (not in host memory)."""
-        return self.inputs is not None and len(self.inputs) > 0 and self.inputs.hidden[0].device.type == self.device.type
+        """Whether the calibration activations are cached on the compute device (not in host memory or on disk)."""
+        return (self.inputs is not None and len(self.inputs) > 0 and not self.inputs.on_disk
+                and self.inputs.hidden[0].device.type == self.device.type)
 
     @torch.no_grad()
     def forward_until(
@@ -212,14 +213,14 @@ class BlockContext:
 def run_block(
     block: nn.Module, inputs: BlockInputs, device: torch.device, on_batch: Callable[[int], None] | None = None
 ) -> list[Tensor]:
-    outs = []
+    outs = inputs.new_hidden()
     for index in range(len(inputs)):
         if on_batch is not None:
             on_batch(index)
         hidden, args, kwargs = inputs.batch(index, device)
         out = block(hidden, *args, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
-        outs.append(out.to(inputs.hidden[index].device))
+        outs.append(inputs.store(index, out))
     return outs
 
 
@@ -248,12 +249,14 @@ def real_tokens(t: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def check_finite(tensors: list[Tensor], where: str) -> None:
-    for t in tensors:
-        if not torch.isfinite(t).all():
-            raise NumericsError(
-                f"NaN/Inf in the activations {where}; the model overflows in this dtype or the data is bad: "
-                f"use model.torch_dtype: bfloat16 or float32, and check the model weights and calibration data"
-            )
+    finite = getattr(tensors, "finite", None)  # a disk cache's generation checked its tensors as written
+    if finite is None:
+        finite = all(bool(torch.isfinite(t).all()) for t in tensors)
+    if not finite:
+        raise NumericsError(
+            f"NaN/Inf in the activations {where}; the model overflows in this dtype or the data is bad: "
+            f"use model.torch_dtype: bfloat16 or float32, and check the model weights and calibration data"
+        )
 
 
 class BlockwisePipeline:
@@ -298,6 +301,7 @@ class BlockwisePipeline:
         observe: Callable[[BlockContext], contextlib.AbstractContextManager] | None = None,
         after: Callable[[BlockContext, list[Tensor] | None], None] | None = None,
         first: int = 0,
+        consume: bool = False,
     ) -> BlockInputs | None:
         """Process every block in order; returns the last block's outputs (None without inputs).
 
@@ -306,7 +310,8 @@ class BlockwisePipeline:
 
         `observe(ctx)` is a context the forward of the float block runs in, when there is one
         (without `quant_out`): a method may record what it needs there instead of running its own.
-        `after(ctx, outputs)` sees the outputs that feed the next block.
+        `after(ctx, outputs)` sees the outputs that feed the next block. With `consume` (the caller
+        does not read `inputs` again) each block's inputs kept on disk are deleted once it is done.
         """
         blocks = self.adapter.get_blocks(self.model)
         if inputs is not None:
@@ -361,6 +366,8 @@ class BlockwisePipeline:
                 error = relative_error(processed, reference, ctx.token_mask(0))
                 lap = self._lap("block_error", lap)
             trip.come_back()
+            if consume and ctx.inputs is not None:
+                ctx.inputs.release()  # on disk: block i's inputs go now, not when garbage-collected
             self._lap("offload", lap)
             self.block_seconds.append(time.perf_counter() - start)
             if self.record_blocks:

@@ -11,6 +11,7 @@ shared by several blocks are stored once.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from llmc.models.adapter import ModelAdapter
+from llmc.pipeline.disk_cache import DiskHidden
 from llmc.pipeline.offload import on_device
 
 
@@ -56,6 +58,25 @@ class BlockInputs:
     def __len__(self) -> int:
         return len(self.hidden)
 
+    @property
+    def on_disk(self) -> bool:
+        """Whether the hidden states are files of the disk cache (`base.act_cache: disk`)."""
+        return isinstance(self.hidden, DiskHidden)
+
+    def new_hidden(self) -> list[Tensor]:
+        """An empty list for outputs kept where these hidden states are (on disk: a new generation)."""
+        return self.hidden.new_generation() if isinstance(self.hidden, DiskHidden) else []
+
+    def store(self, index: int, hidden: Tensor) -> Tensor:
+        """`hidden` moved to where batch `index`'s hidden states are kept (a disk generation writes
+        it when appended)."""
+        return hidden if self.on_disk else hidden.to(self.hidden[index].device)
+
+    def release(self) -> None:
+        """Delete the files of hidden states kept on disk now (no-op in memory); they are not read again."""
+        if isinstance(self.hidden, DiskHidden):
+            self.hidden.release()
+
     def with_hidden(self, hidden: list[Tensor]) -> BlockInputs:
         return BlockInputs(hidden, self.args, self.kwargs, self.token_masks, self.block_args, self.block_kwargs)
 
@@ -89,12 +110,15 @@ class _StopForward(Exception):
 class _Catcher(nn.Module):
     """Stands in for a block: records its arguments, passes the hidden states on (or stops)."""
 
-    def __init__(self, block: nn.Module, last: bool, returns_tuple: bool) -> None:
+    def __init__(self, block: nn.Module, last: bool, returns_tuple: bool,
+                 keep: Callable[[Tensor], None] | None = None) -> None:
         super().__init__()
         self.block = block
         self.last = last
         self.returns_tuple = returns_tuple
-        self.seen: list[tuple[Tensor, tuple, dict]] = []
+        self.keep = keep
+        """Stores the hidden states as they arrive (the first block's catcher only)."""
+        self.seen: list[tuple[tuple, dict]] = []
 
     def __getattr__(self, name: str) -> Any:
         # Models read attributes of their layers (e.g. `attention_type`) before calling them.
@@ -104,7 +128,9 @@ class _Catcher(nn.Module):
             return getattr(self._modules["block"], name)
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
-        self.seen.append((hidden_states, args, kwargs))
+        if self.keep is not None:
+            self.keep(hidden_states)
+        self.seen.append((args, kwargs))
         if self.last:
             raise _StopForward
         return (hidden_states,) if self.returns_tuple else hidden_states
@@ -117,13 +143,23 @@ def capture_block_inputs(
     batches: list[dict[str, Tensor | None]],
     device: torch.device,
     store_device: torch.device | None = None,
+    hidden_store: list[Tensor] | None = None,
 ) -> BlockInputs:
     """Run `batches` (dicts of input_ids and attention_mask) through the model with every block
-    replaced by a catcher: block 0's hidden states, and every block's other arguments."""
+    replaced by a catcher: block 0's hidden states, and every block's other arguments.
+
+    Block 0's hidden states go to `store_device` as each batch is caught, or into `hidden_store`
+    (a disk cache's generation) when given."""
     store_device = store_device or device
     blocks = adapter.get_blocks(model)
     pre = adapter.pre_block_modules(model)
-    catchers = [_Catcher(b, i == len(blocks) - 1, adapter.block_returns_tuple) for i, b in enumerate(blocks)]
+    hidden = hidden_store if hidden_store is not None else []
+
+    def keep(h: Tensor) -> None:
+        hidden.append(h if hidden_store is not None else h.to(store_device))
+
+    catchers = [_Catcher(b, i == len(blocks) - 1, adapter.block_returns_tuple, keep if i == 0 else None)
+                for i, b in enumerate(blocks)]
     for i, catcher in enumerate(catchers):
         blocks[i] = catcher
     try:
@@ -144,12 +180,11 @@ def capture_block_inputs(
         for i, catcher in enumerate(catchers):
             blocks[i] = catcher.block
     moved: dict[int, Any] = {}
-    inputs = BlockInputs(hidden=[], block_args=[], block_kwargs=[])
+    inputs = BlockInputs(hidden=hidden, block_args=[], block_kwargs=[])
     for catcher in catchers:
-        inputs.block_args.append([tree_to(args, store_device, moved) for _, args, _ in catcher.seen])
-        inputs.block_kwargs.append([tree_to(kwargs, store_device, moved) for _, _, kwargs in catcher.seen])
-    for (hidden, _, _), batch in zip(catchers[0].seen, batches):
-        inputs.hidden.append(hidden.to(store_device))
+        inputs.block_args.append([tree_to(args, store_device, moved) for args, _ in catcher.seen])
+        inputs.block_kwargs.append([tree_to(kwargs, store_device, moved) for _, kwargs in catcher.seen])
+    for batch in batches:
         mask = batch.get("attention_mask")
         inputs.token_masks.append(None if mask is None else mask.bool().to(store_device))
     inputs.args, inputs.kwargs = inputs.block_args[0], inputs.block_kwargs[0]

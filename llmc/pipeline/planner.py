@@ -8,14 +8,16 @@ inside the block, and what the methods keep (Hessians, recorded module calls).
 Host memory: the process as it is when the plan is made (Python, torch, the tokenizer and data;
 `host_runtime_bytes`), the model's tensors in memory (all of them, or for a disk-streamed model the
 non-block ones plus two blocks: the one read and its copy in the model's dtype), and the activation
-cache when it is not on the device; on a CPU run the device is the host, so the block's transients,
-the methods' state and a perplexity batch's logits are host memory too. Writing the outputs comes
-after the block loop: its copies count against the loop's peak, not on top of it.
+cache when it is neither on the device nor on disk (on disk: the two batches in flight); on a CPU
+run the device is the host, so the block's transients, the methods' state and a perplexity batch's
+logits are host memory too. Writing the outputs comes after the block loop: its copies count
+against the loop's peak, not on top of it.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +49,8 @@ class MemoryPlan:
     eval_bytes: int = 0
     """Host memory one perplexity batch takes on a CPU run: its float32 logits and their log-softmax
     (a 2048-token window of a 49k vocabulary: 0.75 GiB, more than a small model itself)."""
+    cache_dir: str | None = None
+    """With `base.act_cache: disk`, the folder the activation cache is made in (None: not on disk)."""
 
     @property
     def peak_device(self) -> int:
@@ -58,12 +62,16 @@ class MemoryPlan:
         host = self.host_runtime_bytes + self.host_model_bytes
         if self.device_is_host:  # the "device" memory is host memory; the block is already in host_model_bytes
             loop = host + self.peak_device - self.block_bytes
+        elif self.cache_dir is not None:  # on disk: the two batches in flight, read and written
+            loop = host + 2 * self.cache_bytes // max(1, self.batches)
         else:
             loop = host + (0 if self.cache_on_device else self.cache_bytes)
         return max(loop, host + self.save_bytes, host + self.eval_bytes)
 
     def describe(self) -> str:
         where = "host memory" if self.device_is_host or not self.cache_on_device else "device"
+        if self.cache_dir is not None:
+            where = f"disk in {self.cache_dir}"
         model = "streamed: non-block tensors + 2 blocks" if self.streamed else "model"
         return (
             f"memory plan: peak device {self.peak_device / GIB:.2f} GiB (block {self.block_bytes / GIB:.2f}, "
@@ -106,7 +114,9 @@ def plan_memory(
     save_fake: bool = False,
     save_trans: bool = False,
     eval_tokens: int = 0,
+    cache_dir: str | None = None,
 ) -> MemoryPlan:
+    """`cache_dir`: where the activation cache goes with `cache_policy="disk"`."""
     param = next(model.parameters())
     elem = param.element_size()
     hidden = getattr(model.config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
@@ -118,9 +128,11 @@ def plan_memory(
         free, total = torch.cuda.mem_get_info(device)
         total = free + torch.cuda.memory_allocated(device)
     batches = max(1, -(-n_samples // max(1, batch_size)))
-    on_device = cache_policy == "device" or (
+    on_disk = cache_policy == "disk"
+    # on a CPU run host memory is the device's: the cache is there (auto, device, cpu) or on disk
+    on_device = not on_disk and (cache_policy == "device" or device.type == "cpu" or (
         cache_policy == "auto" and (total is None or block + cache + transient + method_bytes < 0.85 * total)
-    )
+    ))
     resident = resident_bytes(model)
     streamed = block_store(model) is not None
     host_model = resident + 2 * block if streamed else _bytes(model)
@@ -131,7 +143,8 @@ def plan_memory(
     save = max(written + (fake if save_fake else 0), resident if streamed and written else 0)
     return MemoryPlan(block, cache, transient, method_bytes, on_device, total, host_model, batches,
                       host_runtime_bytes=runtime, device_is_host=device.type == "cpu", streamed=streamed,
-                      save_bytes=save, eval_bytes=2 * eval_tokens * _vocab(model) * 4 if device.type == "cpu" else 0)
+                      save_bytes=save, eval_bytes=2 * eval_tokens * _vocab(model) * 4 if device.type == "cpu" else 0,
+                      cache_dir=str(cache_dir or tempfile.gettempdir()) if on_disk else None)
 
 
 def _vocab(model: nn.Module) -> int:
