@@ -118,11 +118,12 @@ def test_quickstart_prints_both_numbers(real_model_path, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run(
         [sys.executable, "-m", "llmc", "run", str(REPO / "configs" / "quickstart.yml"), "-q",
-         "--set", f"save.save_path={out}", "--set", f"model.path={real_model_path}"],
+         "--set", f"save.save_path={out}", "--set", f"model.path={real_model_path}",
+         "--set", "eval.max_windows=2"],  # the quickstart's 8 windows cost a minute more on CI's 2 cores
         capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = dict(re.findall(r"^(pretrain|fake_quant)\s+wikitext2\s+8\s+2048\s+([\d.]+)$", proc.stdout, re.M))
+    rows = dict(re.findall(r"^(pretrain|fake_quant)\s+wikitext2\s+2\s+2048\s+([\d.]+)$", proc.stdout, re.M))
     assert set(rows) == {"pretrain", "fake_quant"}, proc.stdout
     pre, fq = float(rows["pretrain"]), float(rows["fake_quant"])
     assert 10 < pre < 40 and pre < fq < 2 * pre
