@@ -289,10 +289,15 @@ def save_hf_model(
     with adapter.checkpoint_layout(model, lambda m: linear_weight(m, fake)) if adapter else contextlib.nullcontext():
         state = model_state_dict(model, fake)
         model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+    save_tokenizer_files(model, tokenizer, folder)
+    log.info("wrote %s model to %s", "fake-quantized" if fake else "transformed", folder)
+
+
+def save_tokenizer_files(model: nn.Module, tokenizer: object, folder: Path) -> None:
+    """The tokenizer beside a saved model, and the processor files it does not write."""
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(folder)
     copy_processor_files(getattr(model, "name_or_path", None), folder)
-    log.info("wrote %s model to %s", "fake-quantized" if fake else "transformed", folder)
 
 
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",

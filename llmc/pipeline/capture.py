@@ -65,7 +65,7 @@ class BlockInputs:
 
     def new_hidden(self) -> list[Tensor]:
         """An empty list for outputs kept where these hidden states are (on disk: a new generation)."""
-        return self.hidden.new_generation() if isinstance(self.hidden, DiskHidden) else []
+        return self.hidden.new_generation() if self.on_disk else []
 
     def store(self, index: int, hidden: Tensor) -> Tensor:
         """`hidden` moved to where batch `index`'s hidden states are kept (a disk generation writes
@@ -74,7 +74,7 @@ class BlockInputs:
 
     def release(self) -> None:
         """Delete the files of hidden states kept on disk now (no-op in memory); they are not read again."""
-        if isinstance(self.hidden, DiskHidden):
+        if self.on_disk:
             self.hidden.release()
 
     def with_hidden(self, hidden: list[Tensor]) -> BlockInputs:

@@ -65,7 +65,7 @@ class StreamWriter:
         model.config.save_pretrained(self.folder)
 
     def finish(self, model: nn.Module, tokenizer: object) -> None:
-        from llmc.save import copy_processor_files
+        from llmc.save import save_tokenizer_files
 
         blocks = self.blocks_path + "."
         tied = set(getattr(model, "all_tied_weights_keys", None) or {}) if getattr(
@@ -80,9 +80,7 @@ class StreamWriter:
         self.write_config(model)
         if getattr(model, "generation_config", None) is not None and model.can_generate():
             model.generation_config.save_pretrained(self.folder)
-        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(self.folder)
-        copy_processor_files(getattr(model, "name_or_path", None), self.folder)
+        save_tokenizer_files(model, tokenizer, self.folder)
         log.info("wrote %s model to %s (streamed, %d shards)", self.what, self.folder, self.n + 1)
 
 
