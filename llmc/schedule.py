@@ -190,6 +190,7 @@ def _compress_batches(
     pipeline = BlockwisePipeline(model, adapter, device, quant_out=resolve_block_out(cfg, methods), progress=progress,
                                  desc="+".join(m.name for m in methods), record_blocks=True)
     pipeline.plan = plan
+    pipeline.overlap_transfers = plan.overlap
     first = 0
     if resume is not None:
         wrap = restore_wrap(methods)
@@ -221,6 +222,7 @@ def _compress_batches(
             method.prepare_block(ctx)
         for method in methods:
             ctx.targets = targets_of(method, ctx.index)
+            ctx.frozen = {}  # only the last method's recordings hold for the block it leaves
             method.process_block(ctx)
 
     def after(ctx: BlockContext, outputs: list | None) -> None:

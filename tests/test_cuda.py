@@ -85,14 +85,76 @@ def test_blocks_come_back_into_their_host_memory():
     assert block[1].stat.tolist() == [2.0, 2.0, 2.0] and block[0].made_on_device.tolist() == [1.0, 1.0]
 
 
-def test_half_precision_gram_is_the_float32_product():
-    from llmc.methods import gptq
+@pytest.mark.parametrize("width", [256, 5000])
+def test_half_precision_gram_is_the_float32_product(width):
+    """One GEMM up to a tile wide; wider, the strips right of the diagonal, mirrored once summed."""
+    from llmc.methods import hessian
 
     torch.manual_seed(0)
-    x = (torch.randn(4096, 256, device="cuda") * torch.linspace(0.1, 30, 256, device="cuda")).bfloat16()
-    total = gptq.add_gram(None, x[:2048])
-    total = gptq.add_gram(total, x[2048:])
-    assert gptq.HALF_GEMM_FP32_OUT[0], "mm(out_dtype=float32) is missing: the Hessian falls back to fp32 GEMMs"
+    x = (torch.randn(4096, width, device="cuda") * torch.linspace(0.1, 30, width, device="cuda")).bfloat16()
+    total, tiled = hessian.add_gram(None, x[:2048])
+    total, tiled = hessian.add_gram(total, x[2048:])
+    assert hessian.HALF_GEMM_FP32_OUT[0], "mm(out_dtype=float32) is missing: the Hessian falls back to fp32 GEMMs"
+    assert tiled == (width > hessian.GRAM_TILE)
+    if tiled:
+        hessian.symmetrize(total)
     exact = x.double().T @ x.double()
     # float32 accumulation over 4096 rows: 5.6e-6 on an H100; a bf16-rounded result would be ~4e-3.
     assert ((total.double() - exact).abs().max() / exact.abs().max()).item() < 2e-5
+    assert torch.equal(total, total.T) or not tiled
+
+
+def test_overlapped_transfers_change_nothing(tiny_model_dir, monkeypatch):
+    """Prefetching the next block and offloading the last in the background gives the same weights
+    as moving each block in turn, and every block ends in host memory."""
+    from llmc.pipeline import planner
+
+    quant = {"method": "GPTQ", "weight": W4}
+    runs, planned = {}, []
+    for overlap in (True, False):
+        def forced(*args, _overlap=overlap, _plan=planner.plan_memory, **kwargs):
+            plan = _plan(*args, **kwargs)
+            plan.overlap = _overlap and plan.overlap
+            planned.append(plan.overlap)
+            return plan
+
+        monkeypatch.setattr("llmc.schedule.plan_memory", forced)
+        runs[overlap], result = _weights(tiny_model_dir, "cuda", quant)
+        assert planned[-1] is overlap
+        assert all(t.device.type == "cpu" for t in result.model.parameters())
+    assert runs[True].keys() == runs[False].keys()
+    for name, w in runs[True].items():
+        assert torch.equal(w, runs[False][name]), name
+
+
+def test_prefetched_tensors_changed_meanwhile_are_copied_again():
+    from llmc.pipeline.offload import ModuleHome, Prefetch
+
+    block = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    prefetch = Prefetch(block, torch.device("cuda"))
+    with torch.no_grad():
+        block[0].weight.add_(1.0)  # after the prefetch started: its copy is stale
+    prefetched = prefetch.take()
+    assert id(block[0].weight) not in prefetched and id(block[0].bias) in prefetched
+    expected = block[0].weight.detach().clone()
+    home = ModuleHome(block, torch.device("cuda"))
+    home.leave(prefetched)
+    assert block[0].weight.is_cuda and torch.equal(block[0].weight.cpu(), expected)
+    home.come_back()
+    assert not block[0].weight.is_cuda
+
+
+def test_host_activation_cache_is_pinned_and_changes_nothing(tiny_model_dir):
+    """base.act_cache: cpu keeps the activations in pinned host memory; the weights are the device cache's."""
+    from llmc.pipeline.capture import to_store
+
+    kept = to_store(torch.ones(4, 8, device="cuda"), torch.device("cpu"))
+    assert kept.is_pinned() and kept.sum().item() == 32
+    runs = {}
+    for cache in ("cpu", "device"):
+        cfg = tiny_config(tiny_model_dir, quant={"method": "GPTQ", "weight": W4})
+        cfg["base"].update(device="cuda", act_cache=cache)
+        result = compress(cfg, progress=False)
+        runs[cache] = {n: m.fake_weight().detach().cpu() for n, m in fake_quant_modules(result.model)}
+    for name, w in runs["cpu"].items():
+        assert torch.equal(w, runs["device"][name]), name

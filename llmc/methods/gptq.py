@@ -51,7 +51,9 @@ from llmc.methods.gptq_block import ColumnQdq, quantize_block
 from llmc.methods.hessian import group_hessians, inverse_hessian_cholesky, obs_problem, obs_sweep
 from llmc.methods.sparse_base import is_pruned
 from llmc.models.adapter import ModelAdapter
+from llmc.models.moe import RoutedExperts
 from llmc.pipeline.blockwise import BlockContext, timed
+from llmc.pipeline.distributed import is_distributed
 from llmc.quant.fake_linear import FakeQuantLinear
 from llmc.quant.microscaling import fix_global_scale
 from llmc.quant.quantizer import IntQuantizer
@@ -255,6 +257,11 @@ def wrap_result(method: QuantMethod, ctx: BlockContext, name: str, result: GptqR
     return fq
 
 
+def routes_tokens(module: nn.Module) -> bool:
+    """Whether `module` holds MoE experts, whose routing counts the block's forward updates."""
+    return any(isinstance(m, RoutedExperts) for m in module.modules())
+
+
 def children_targets(ctx: BlockContext) -> dict[str, set[str]]:
     """The block's direct children that hold quantization targets, with the targets each holds."""
     owned: dict[str, set[str]] = {}
@@ -290,6 +297,9 @@ class GPTQ(QuantMethod):
     module_schemes = True
     replay_children = True
     """With true_sequential, replay finished children of the block instead of re-running them."""
+    replays_final = True
+    """...and hand them to the pipeline's forward of the quantized block (`BlockContext.frozen`) when
+    that forward computes what the passes did: weight-only, the weights wrapped unchanged (Q)."""
 
     def __init__(self, quant, special: dict | None = None, final: bool = True) -> None:
         super().__init__(quant, special, final)
@@ -323,7 +333,14 @@ class GPTQ(QuantMethod):
         replayed = 0
         if self.special.true_sequential and self.replay_children:
             replayed = calib_tokens * model.get_input_embeddings().embedding_dim * next(model.parameters()).element_size()
-        return held + max(work, replayed)
+        # kept for the block's forward after the last solve, or freed before it
+        return held + (work + replayed if self._replays_final() else max(work, replayed))
+
+    def _replays_final(self) -> bool:
+        q = self.quant
+        weight_only = q.act is None and q.kvcache is None and not any(o.act for o in q.overrides)
+        return (self.replays_final and self.final and weight_only and self.special.true_sequential
+                and self.replay_children and not is_distributed())
 
     def process_block(self, ctx: BlockContext) -> None:
         groups = [list(mods.items()) for _, mods in ctx.groups()]
@@ -342,11 +359,13 @@ class GPTQ(QuantMethod):
                 with timed(self.stage_seconds, "hessian", ctx.device):
                     (hessian,), recorded = group_hessians(ctx, [group], replay=frozen, record=ready)
                 frozen.update(recorded)
-                if last:
+                if last and not self._replays_final():
                     frozen.clear()
                 with timed(self.stage_seconds, "solve", ctx.device):
                     results += self.quantize_group(ctx, group, hessian)
                 done.update(name for name, _ in group)
+            if self._replays_final():
+                ctx.frozen = {c: outs for c, outs in frozen.items() if not routes_tokens(ctx.block.get_submodule(c))}
         else:
             with timed(self.stage_seconds, "hessian", ctx.device):
                 hessians, _ = group_hessians(ctx, groups)

@@ -267,11 +267,13 @@ class SpQR(QuantMethod):
     prefers_quant_out = True
     quantizes_only = True
     replay_children = True
+    replays_final = False  # its outliers change the wrapped linears after the passes
     state_attrs = ("stage_seconds", "totals")
     # GPTQ's schedule over the block's groups (true_sequential, replayed children) and its memory estimate;
     # it calls this class's quantize_group and wrap.
     process_block = GPTQ.process_block
     extra_device_bytes = GPTQ.extra_device_bytes
+    _replays_final = GPTQ._replays_final
 
     zero_points = frozenset({False})  # its float zero points are quantized by quant.special.zero
 

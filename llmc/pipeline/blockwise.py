@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,7 @@ from llmc.errors import NumericsError
 from llmc.models.adapter import LinearGroup, ModelAdapter
 from llmc.pipeline.capture import BlockInputs
 from llmc.pipeline.distributed import broadcast_block, reduce_ranges
-from llmc.pipeline.offload import ModuleHome
+from llmc.pipeline.offload import BlockTrips, ModuleHome
 from llmc.pipeline.planner import MemoryPlan
 from llmc.pipeline.records import first_batch_output, relative_error
 from llmc.pipeline.streaming import block_store
@@ -58,6 +58,10 @@ class BlockContext:
     """Names (relative to the block) of the linears to quantize; ignored layers removed."""
     batch: int = 0
     """Index of the calibration batch being run (set by `forward` / `forward_until`)."""
+    frozen: dict[str, list] = field(default_factory=dict)
+    """Outputs of submodules of every batch that the last method recorded after their last change;
+    the pipeline's forward of the processed block replays them instead of computing them again (the
+    schedule clears this before each method)."""
 
     def token_mask(self, batch: int) -> Tensor | None:
         """`[b, seq]` bool of the real tokens of calibration batch `batch` (None: all are real)."""
@@ -82,7 +86,7 @@ class BlockContext:
         """Run the block over all calibration batches; returns the output hidden states."""
         if self.inputs is None:
             raise RuntimeError("this block has no calibration inputs (no method asked for calibration)")
-        with fake_weights_reused(self.block):
+        with fake_weights_reused(self.block), self._replaying(self.frozen):
             return run_block(self.block, self.inputs, self.device, self._set_batch)
 
     def _set_batch(self, index: int) -> None:
@@ -126,29 +130,37 @@ class BlockContext:
         if name is not None:
             target = self.block.get_submodule(name)
             handles.append(target.register_forward_hook(stop) if inclusive else target.register_forward_pre_hook(stop))
-        replaced = [self.block.get_submodule(n) for n in replay or {}]
-        # An instance-level forward (e.g. an accelerate hook's wrapper) is put back afterwards.
-        own_forwards = [vars(module).get("forward") for module in replaced]
-        for module, outs in zip(replaced, (replay or {}).values()):
-            module.forward = lambda *_a, _outs=outs, **_k: _outs[self.batch]
         count = len(self.inputs) if batches is None else min(batches, len(self.inputs))
         try:
-            for i in range(count):
-                self.batch = i
-                hidden, args, kwargs = self.inputs.batch(i, self.device)
-                try:
-                    self.block(hidden, *args, **kwargs)
-                except _StopBlock:
-                    pass
+            with self._replaying(replay or {}):
+                for i in range(count):
+                    self.batch = i
+                    hidden, args, kwargs = self.inputs.batch(i, self.device)
+                    try:
+                        self.block(hidden, *args, **kwargs)
+                    except _StopBlock:
+                        pass
         finally:
             for h in handles:
                 h.remove()
+        return {n: outs for n, outs in recorded.items() if len(outs) == count}
+
+    @contextlib.contextmanager
+    def _replaying(self, replay: dict[str, list]) -> Iterator[None]:
+        """The named submodules return their recorded output of the batch being run instead of computing."""
+        replaced = [self.block.get_submodule(n) for n in replay]
+        # An instance-level forward (e.g. an accelerate hook's wrapper) is put back afterwards.
+        own_forwards = [vars(module).get("forward") for module in replaced]
+        for module, outs in zip(replaced, replay.values()):
+            module.forward = lambda *_a, _outs=outs, **_k: _outs[self.batch]
+        try:
+            yield
+        finally:
             for module, own in zip(replaced, own_forwards):
                 if own is None:
                     del module.forward
                 else:
                     module.forward = own
-        return {n: outs for n, outs in recorded.items() if len(outs) == count}
 
     @torch.no_grad()
     def capture_calls(self, name: str) -> list[ModuleCall]:
@@ -214,20 +226,32 @@ def run_block(
     block: nn.Module, inputs: BlockInputs, device: torch.device, on_batch: Callable[[int], None] | None = None
 ) -> list[Tensor]:
     outs = inputs.new_hidden()
+    finite = []
     for index in range(len(inputs)):
         if on_batch is not None:
             on_batch(index)
         hidden, args, kwargs = inputs.batch(index, device)
         out = block(hidden, *args, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
+        if not inputs.on_disk:  # checked where computed: a host-memory cache is not scanned again
+            finite.append(torch.isfinite(out).all())
         outs.append(inputs.store(index, out))
+    if finite:
+        outs = CheckedHidden(outs)
+        outs.finite = bool(torch.stack(finite).all())
     return outs
+
+
+class CheckedHidden(list):
+    """A block's output hidden states with `finite`: whether all were finite (see `check_finite`)."""
+
+    finite: bool | None = None
 
 
 def add_elapsed(seconds: dict[str, float], stage: str, since: float, device: torch.device) -> float:
     """Add the time since `since` (after the device's queued work) to `seconds[stage]`; returns now."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if device.type == "cuda":  # this stream only: blocks moving on side streams (BlockTrips) keep moving
+        torch.cuda.current_stream(device).synchronize()
     now = time.perf_counter()
     seconds[stage] = seconds.get(stage, 0.0) + now - since
     return now
@@ -283,6 +307,9 @@ class BlockwisePipeline:
         """The memory plan the run was checked against (llmc.pipeline.planner.MemoryPlan)."""
         self.results: dict = {}
         """What methods report at the model-level steps, for results.json (set by llmc.schedule)."""
+        self.overlap_transfers = False
+        """Prefetch the next block and send the last one home during a block's work (CUDA; see
+        llmc.pipeline.offload.BlockTrips); the memory plan decides (`MemoryPlan.overlap`)."""
         self.record_blocks = record_blocks
         self.block_records: list[dict] = []
         """With `record_blocks`, per processed block (results.json `blocks`, plotted by `llmc report`):
@@ -316,6 +343,15 @@ class BlockwisePipeline:
         blocks = self.adapter.get_blocks(self.model)
         if inputs is not None:
             check_finite(inputs.hidden, f"entering block {first}")
+        # a disk-streamed model reads each block itself (llmc.pipeline.streaming)
+        trips = BlockTrips(blocks, self.device, self.overlap_transfers, store=block_store(self.model))
+        try:
+            return self._run(blocks, trips, inputs, process, targets, observe, after, first, consume)
+        finally:
+            trips.close()
+
+    def _run(self, blocks, trips: BlockTrips, inputs, process, targets, observe, after, first: int, consume: bool
+             ) -> BlockInputs | None:
         bar = tqdm(range(first, len(blocks)), desc=self.desc, unit="block", disable=not self.progress,
                    initial=first, total=len(blocks))
         for index in bar:
@@ -323,9 +359,7 @@ class BlockwisePipeline:
             block = blocks[index]
             if inputs is not None:
                 inputs = inputs.for_block(index)
-            store = block_store(self.model)  # a disk-streamed model reads the block (llmc.pipeline.streaming)
-            trip = store.trip(index, block, self.device) if store is not None else ModuleHome(block, self.device)
-            trip.leave()
+            trip = trips.arrive(index)
             ctx = BlockContext(
                 index=index,
                 block=block,
@@ -365,9 +399,9 @@ class BlockwisePipeline:
                 processed = outs[0] if self.quant_out else first_batch_output(ctx)
                 error = relative_error(processed, reference, ctx.token_mask(0))
                 lap = self._lap("block_error", lap)
-            trip.come_back()
+            trips.depart(trip)
             if consume and ctx.inputs is not None:
-                ctx.inputs.release()  # on disk: block i's inputs go now, not when garbage-collected
+                ctx.inputs.release()  # block i's inputs go now (files on disk, tensors in memory)
             self._lap("offload", lap)
             self.block_seconds.append(time.perf_counter() - start)
             if self.record_blocks:

@@ -23,6 +23,15 @@ from llmc.pipeline.disk_cache import DiskHidden
 from llmc.pipeline.offload import on_device
 
 
+def to_store(t: Tensor, device: torch.device) -> Tensor:
+    """`t` moved to `device`, where the activation cache keeps it. From a CUDA device to the host it
+    goes into pinned (page-locked) memory, which every later pass copies back to the device several
+    times faster than pageable memory (`base.act_cache: cpu` copies the whole cache once per pass)."""
+    if device.type == "cpu" and t.is_cuda:
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+    return t.to(device)
+
+
 def tree_to(obj: Any, device: torch.device | str, moved: dict[int, Any] | None = None) -> Any:
     """Move every tensor in nested tuples/lists/dicts to `device` (other objects unchanged). With
     `moved`, a tensor met again (by identity, e.g. a mask several blocks share) is moved only once."""
@@ -70,12 +79,15 @@ class BlockInputs:
     def store(self, index: int, hidden: Tensor) -> Tensor:
         """`hidden` moved to where batch `index`'s hidden states are kept (a disk generation writes
         it when appended)."""
-        return hidden if self.on_disk else hidden.to(self.hidden[index].device)
+        return hidden if self.on_disk else to_store(hidden, self.hidden[index].device)
 
     def release(self) -> None:
-        """Delete the files of hidden states kept on disk now (no-op in memory); they are not read again."""
+        """Free these hidden states now, they are not read again: delete their files on disk; in memory,
+        empty their list (the caller that captured them would otherwise keep them alive to the end)."""
         if self.on_disk:
             self.hidden.release()
+        else:
+            self.hidden.clear()
 
     def with_hidden(self, hidden: list[Tensor]) -> BlockInputs:
         return BlockInputs(hidden, self.args, self.kwargs, self.token_masks, self.block_args, self.block_kwargs)
@@ -91,7 +103,9 @@ class BlockInputs:
         """Batch `index`'s hidden states, args and kwargs, moved to `device` when stored elsewhere."""
         hidden, args, kwargs = self.hidden[index], self.args[index], self.kwargs[index]
         if hidden.device != device:
-            hidden, args, kwargs = hidden.to(device), tree_to(args, device), tree_to(kwargs, device)
+            # non-blocking from pinned memory: the copy is ordered before the block's work on the stream
+            hidden = hidden.to(device, non_blocking=device.type == "cuda")
+            args, kwargs = tree_to(args, device), tree_to(kwargs, device)
         return hidden, args, kwargs
 
     def batch_tokens(self, index: int) -> int:
@@ -156,7 +170,7 @@ def capture_block_inputs(
     hidden = hidden_store if hidden_store is not None else []
 
     def keep(h: Tensor) -> None:
-        hidden.append(h if hidden_store is not None else h.to(store_device))
+        hidden.append(h if hidden_store is not None else to_store(h, store_device))
 
     catchers = [_Catcher(b, i == len(blocks) - 1, adapter.block_returns_tuple, keep if i == 0 else None)
                 for i, b in enumerate(blocks)]

@@ -6,11 +6,17 @@ host 4x slower than the trip out (1.2 vs 5 GB/s on an H100 host). `ModuleHome` r
 parameter's and buffer's host tensor when the block leaves and copies the device tensor back
 into it on return, so the host memory is reused and already mapped. Tensors a method created
 or reshaped on the device (quantizer scales, replaced modules) go home with `Tensor.to`.
+
+On a CUDA device both trips can overlap the computation (`Prefetch`, `Departure`): a background
+thread copies the next block's tensors to the device, and the finished block's back to the host,
+on side streams while the current block runs (0.1 s of the 0.97 s per 7B GPTQ block were these
+copies). It costs up to two more blocks of device memory, which the memory plan counts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -40,7 +46,9 @@ class ModuleHome:
     def moves(self) -> bool:
         return self.home != self.device
 
-    def leave(self) -> None:
+    def leave(self, prefetched: dict[int, Tensor] | None = None) -> None:
+        """Move the block to the device; `prefetched` (`Prefetch.take()`): device copies of its host
+        tensors by id, used instead of copying again."""
         if not self.moves:
             return
         for module, _table, name, tensor in _tensors(self.block):
@@ -48,7 +56,18 @@ class ModuleHome:
                 self._params[id(tensor)] = (tensor, tensor.data)
             else:
                 self._buffers[(id(module), name)] = (module, tensor)
-        self.block.to(self.device)
+        if not prefetched:
+            self.block.to(self.device)
+            return
+        with torch.no_grad():
+            for _module, table, name, tensor in list(_tensors(self.block)):
+                copy = prefetched.get(id(tensor))
+                if copy is None:
+                    copy = tensor.to(self.device)
+                if isinstance(tensor, nn.Parameter):
+                    tensor.data = copy
+                else:
+                    table[name] = copy
 
     def come_back(self) -> None:
         if not self.moves:
@@ -70,6 +89,133 @@ class ModuleHome:
                     table[name] = host
         self._params.clear()
         self._buffers.clear()
+
+
+class _Background:
+    """`work()` in a daemon thread on a side CUDA stream of `device`; `join()` re-raises its error."""
+
+    def __init__(self, device: torch.device, work) -> None:
+        self.stream = torch.cuda.Stream(device)
+        self.error: BaseException | None = None
+        self._work = work
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            with torch.cuda.stream(self.stream):
+                self._work()
+        except BaseException as exc:  # re-raised in the pipeline's thread by join()
+            self.error = exc
+        finally:
+            self._work = None  # the work's owner holds this object: no reference cycle keeps its tensors
+
+    def join(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+class Prefetch:
+    """Device copies of a block's host tensors, made in the background while the previous block runs.
+
+    `take()` waits for them and returns those whose host tensor was not changed meanwhile (same
+    storage, same version counter) for `ModuleHome.leave`; the others are copied again there."""
+
+    def __init__(self, block: nn.Module, device: torch.device) -> None:
+        self.device = device
+        sources = {id(t): t for *_, t in _tensors(block) if t.device != device}
+        self.sources = [(t, t.data_ptr(), t._version) for t in sources.values()]
+        self.copies: dict[int, Tensor] = {}
+        self.event = torch.cuda.Event()
+        self.work = _Background(device, self._copy)
+
+    def _copy(self) -> None:
+        with torch.no_grad():
+            for tensor, *_ in self.sources:
+                self.copies[id(tensor)] = tensor.detach().to(self.device, non_blocking=True)
+        self.event.record()
+
+    def take(self) -> dict[int, Tensor]:
+        try:
+            self.work.join()
+        except Exception:  # e.g. out of memory in the background: the trip copies the block itself
+            return {}
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(self.event)
+        taken = {}
+        for tensor, ptr, version in self.sources:
+            copy = self.copies.get(id(tensor))
+            if copy is not None and tensor.data_ptr() == ptr and tensor._version == version:
+                copy.record_stream(current)  # made on the side stream, used and freed on this one
+                taken[id(tensor)] = copy
+        self.copies, self.sources = {}, []  # the block owns the copies now; a stale one is freed here
+        return taken
+
+
+class Departure:
+    """`trip.come_back()` in the background once the work queued so far on the device is done."""
+
+    def __init__(self, trip: ModuleHome) -> None:
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(trip.device))
+
+        def come_back() -> None:
+            torch.cuda.current_stream(trip.device).wait_event(done)
+            trip.come_back()  # copies into pageable host memory: each returns when its copy is done
+
+        self.work = _Background(trip.device, come_back)
+
+    def join(self) -> None:
+        self.work.join()
+
+
+class BlockTrips:
+    """The trips of the block loop: `arrive(i)` puts block i on the device, `depart(trip)` sends it
+    back. With `overlap` (a CUDA device, blocks in host memory) block i+1 is prefetched while block
+    i runs and block i goes home while block i+1 runs; `close()` waits for what is still moving.
+    `store` (a disk-streamed model's `BlockStore`) reads and releases blocks itself, not overlapped."""
+
+    def __init__(self, blocks: nn.ModuleList, device: torch.device, overlap: bool = False, store=None) -> None:
+        self.blocks, self.device, self.store = blocks, device, store
+        self.overlap = overlap and device.type == "cuda" and store is None
+        self._prefetch: tuple[int, Prefetch] | None = None
+        self._departure: Departure | None = None
+
+    def arrive(self, index: int):
+        block = self.blocks[index]
+        if self.store is not None:
+            trip = self.store.trip(index, block, self.device)
+            trip.leave()
+            return trip
+        prefetched = None
+        if self._prefetch is not None:
+            ahead, prefetch = self._prefetch
+            self._prefetch = None
+            prefetched = prefetch.take() if ahead == index else None
+        trip = ModuleHome(block, self.device)
+        trip.leave(prefetched)
+        if self.overlap and trip.moves and index + 1 < len(self.blocks):
+            self._prefetch = (index + 1, Prefetch(self.blocks[index + 1], self.device))
+        return trip
+
+    def depart(self, trip) -> None:
+        if not (self.overlap and isinstance(trip, ModuleHome) and trip.moves):
+            trip.come_back()
+            return
+        self._wait_departure()
+        self._departure = Departure(trip)
+
+    def _wait_departure(self) -> None:
+        departure, self._departure = self._departure, None
+        if departure is not None:
+            departure.join()
+
+    def close(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch[1].take()  # dropped: the loop ended before that block
+            self._prefetch = None
+        self._wait_departure()
 
 
 @contextlib.contextmanager

@@ -51,11 +51,16 @@ class MemoryPlan:
     (a 2048-token window of a 49k vocabulary: 0.75 GiB, more than a small model itself)."""
     cache_dir: str | None = None
     """With `base.act_cache: disk`, the folder the activation cache is made in (None: not on disk)."""
+    overlap: bool = False
+    """Whether block transfers overlap the work (`BlockwisePipeline.overlap_transfers`): two more blocks
+    on the device, the next one arriving and the last one leaving. Only with the activation cache on the
+    device: a run that keeps it off the device is saving device memory."""
 
     @property
     def peak_device(self) -> int:
         cache = self.cache_bytes if self.cache_on_device else 2 * self.cache_bytes // max(1, self.batches)
-        return self.block_bytes + cache + self.transient_bytes + self.method_bytes
+        blocks = 3 if self.overlap else 1
+        return blocks * self.block_bytes + cache + self.transient_bytes + self.method_bytes
 
     @property
     def peak_host(self) -> int:
@@ -74,7 +79,8 @@ class MemoryPlan:
             where = f"disk in {self.cache_dir}"
         model = "streamed: non-block tensors + 2 blocks" if self.streamed else "model"
         return (
-            f"memory plan: peak device {self.peak_device / GIB:.2f} GiB (block {self.block_bytes / GIB:.2f}, "
+            f"memory plan: peak device {self.peak_device / GIB:.2f} GiB (block {self.block_bytes / GIB:.2f}"
+            f"{' x 3, transfers overlapped' if self.overlap else ''}, "
             f"activation cache {self.cache_bytes / GIB:.2f} on {where}, transient {self.transient_bytes / GIB:.2f}, "
             f"method {self.method_bytes / GIB:.2f}); peak host {self.peak_host / GIB:.2f} GiB ({model} "
             f"{self.host_model_bytes / GIB:.2f}, process {self.host_runtime_bytes / GIB:.2f}, saving "
@@ -135,6 +141,9 @@ def plan_memory(
     ))
     resident = resident_bytes(model)
     streamed = block_store(model) is not None
+    blocks_in_host = device.type == "cuda" and not streamed and next(blocks[0].parameters()).device.type == "cpu"
+    overlap = blocks_in_host and on_device and (total is None or 3 * block + cache + transient + method_bytes
+                                                < 0.85 * total)
     host_model = resident + 2 * block if streamed else _bytes(model)
     runtime = max(0, current_rss() - resident) if measure_process else 0
     unit = max(blocks, key=_bytes) if streamed else model
@@ -144,7 +153,7 @@ def plan_memory(
     return MemoryPlan(block, cache, transient, method_bytes, on_device, total, host_model, batches,
                       host_runtime_bytes=runtime, device_is_host=device.type == "cpu", streamed=streamed,
                       save_bytes=save, eval_bytes=2 * eval_tokens * _vocab(model) * 4 if device.type == "cpu" else 0,
-                      cache_dir=str(cache_dir or tempfile.gettempdir()) if on_disk else None)
+                      cache_dir=str(cache_dir or tempfile.gettempdir()) if on_disk else None, overlap=overlap)
 
 
 def _vocab(model: nn.Module) -> int:
