@@ -126,9 +126,6 @@ def check_data_parallel(cfg: LlmcConfig, methods: list[CompressionMethod], world
     if resume == "require":
         raise ConfigError("--resume: data-parallel runs are not checkpointed yet; resume on one process (without "
                           "torchrun) or drop --resume")
-    if getattr(cfg.model, "stream", False):
-        raise ConfigError("model.stream: disk-streamed models do not support data-parallel calibration yet; set "
-                          "model.stream: false or run on one process (without torchrun)")
     if cfg.calib is not None and any(m.uses_calibration for m in methods):
         distributed.check_batches(cfg.calib.n_samples, cfg.calib.bs, world)
 
@@ -180,6 +177,10 @@ def _compress(cfg: LlmcConfig, methods: list[CompressionMethod], device: torch.d
                        resumed_after_block=resume_state["done"] if resume_state is not None else None)
     streamed = block_store(loaded.model) is not None  # model.stream: blocks read from disk, outputs written per block
     stream_out = streamed_outputs(cfg, loaded.model, out_path)
+    if streamed and distributed.is_distributed():  # every rank evaluates from the blocks rank 0 writes
+        staged = distributed.gather_objects(str(stream_out.folder) if stream_out is not None else None)[0]
+        if stream_out is None and staged is not None:
+            stream_out = StreamedOutputs.reader(Path(staged))
 
     def evaluate(position: str) -> None:
         if cfg.eval is None or position not in cfg.eval.eval_pos:
@@ -214,6 +215,8 @@ def _compress(cfg: LlmcConfig, methods: list[CompressionMethod], device: torch.d
         result.blocks = list(getattr(pipeline, "block_records", []))
         if stream_out is not None:
             stream_out.finish(loaded.model, loaded.tokenizer)
+            if streamed:
+                distributed.barrier()  # data-parallel: rank 0's blocks are all written before anyone reads them
         timings["quantize_s"] = time.perf_counter() - start
         if checkpoint is not None:
             timings["checkpoint_s"] = checkpoint.write_seconds

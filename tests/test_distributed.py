@@ -224,20 +224,44 @@ def test_torchrun_cli_gptq_matches_one_process(model_dir, tmp_path):
     one = tmp_path / "one"
     llmc.compress(dp_config(model_dir, GPTQ, one), progress=False)
     two = tmp_path / "two"
-    cfg = tmp_path / "gptq.yml"
-    cfg.write_text(yaml.safe_dump(dp_config(model_dir, GPTQ, two)))
+    run_torchrun(dp_config(model_dir, GPTQ, two), tmp_path)
+    assert_matches_one_process(one, two)
+
+
+def test_torchrun_streamed_gptq_matches_one_process(model_dir, tmp_path):
+    """model.stream under torchrun: each rank reads its blocks from the checkpoint, rank 0 writes them, and
+    every rank evaluates fake_quant from rank 0's written blocks; the result is the one-process streamed run's."""
+    config = {}
+    for run in ("one", "two"):
+        config[run] = dp_config(model_dir, GPTQ, tmp_path / run)
+        config[run]["model"]["stream"] = True
+    llmc.compress(config["one"], progress=False)
+    run_torchrun(config["two"], tmp_path)
+    assert_matches_one_process(tmp_path / "one", tmp_path / "two")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["one", "two"]  # no staging folder left
+
+
+def run_torchrun(config: dict, work: Path) -> None:
+    """`llmc run` of `config` under torchrun with 2 gloo processes; rank 0 alone prints the table."""
+    cfg = work / "run.yml"
+    cfg.write_text(yaml.safe_dump(config))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
          "-m", "llmc", "run", str(cfg)],
-        capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path,
+        capture_output=True, text=True, env=env, timeout=240, cwd=work,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("position     dataset") == 1  # rank 0 alone prints the table
+    assert proc.stdout.count("position     dataset") == 1
+
+
+def assert_matches_one_process(one: Path, two: Path) -> None:
+    """GPTQ W4 g32 weights equal up to the order of the Hessian's float sums, and so do the perplexities."""
     ref, got = fake_weights(one), fake_weights(two)
     diff = max((ref[k].float() - got[k].float()).abs().max().item() for k in ref)
     print(f"GPTQ W4 g32, 1 vs 2 processes: max abs weight difference {diff:.3g}")
+    assert ref.keys() == got.keys()
     for key in ref:
         torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-5)
     assert json.loads((two / "results.json").read_text())["world_size"] == 2

@@ -128,7 +128,15 @@ class StreamedOutputs:
         for exporter in requested_exporters(cfg):  # only STREAMED_EXPORTS pass check_stream_config
             self.writers[exporter.folder] = CompressedTensorsWriter(self.folder / exporter.folder, blocks_path, n,
                                                                     cfg, model)
-        self.dirs = {"transformed": TRANS_DIR, "fake_quant": FAKE_DIR}
+        self.dirs = position_dirs()
+
+    @classmethod
+    def reader(cls, folder: Path) -> StreamedOutputs:
+        """Another data-parallel rank's view of rank 0's staging `folder`: it only evaluates from it
+        (no writers; the folder is rank 0's to move or remove)."""
+        outputs = cls.__new__(cls)
+        outputs.folder, outputs.writers, outputs.dirs = folder, {}, position_dirs()
+        return outputs
 
     def write_block(self, index: int, block: nn.Module) -> None:
         from llmc.finite import check_model_weights
@@ -164,6 +172,13 @@ class StreamedOutputs:
                 yield
         finally:
             store.open(source)
+
+
+def position_dirs() -> dict[str, str]:
+    """The output folder each evaluation position reads its blocks from."""
+    from llmc.save import FAKE_DIR, TRANS_DIR
+
+    return {"transformed": TRANS_DIR, "fake_quant": FAKE_DIR}
 
 
 def streamed_outputs(cfg, model: nn.Module, out_path: Path | None) -> StreamedOutputs | None:
