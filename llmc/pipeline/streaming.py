@@ -107,17 +107,22 @@ class BlockStore:
         return block
 
     def release(self, index: int) -> None:
-        """Back to the meta device: the block's checkpoint tensors are freed; what else a method
-        attached (scales, masks; small) goes to host memory."""
+        """Back to the meta device: the block's checkpoint tensors and its fake-quant linears' quantizer
+        state are freed (the block was written with them; evaluations read the written blocks with
+        quantization off); what else a method attached (masks, online transforms; small) goes to host
+        memory. Kept quantizer state grew host memory by 0.05 GiB per 70B-shaped block (W4 g128)."""
+        from llmc.quant.fake_linear import FakeQuantLinear
+
         block = self._blocks()[index]
         saved = set(block.state_dict(keep_vars=True))
         for mod_name, module in block.named_modules():
+            quantizer_state = set(module._buffers) if isinstance(module, FakeQuantLinear) else set()
             for table in (module._parameters, module._buffers):
                 for name, t in table.items():
                     if t is None or t.is_meta:
                         continue
                     key = f"{mod_name}.{name}" if mod_name else name
-                    target = "meta" if key in saved else "cpu"
+                    target = "meta" if key in saved or name in quantizer_state else "cpu"
                     table[name] = _like(t, t.detach().to(target))
         trim_heap()
 
