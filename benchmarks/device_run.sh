@@ -10,7 +10,7 @@
 #        (.wheels is too big to travel beside a GGUF part: three calls on the warm machine, carrying
 #        [.wheels] -> setup, [.carry/gguf.part00] -> setup, [.carry/gguf.part01] -> downstream;
 #        untar downstream.tar in the repo root: a later call's --resume reads the rows from the tree)
-#   bash benchmarks/device_run.sh scale [scale.py args...]   # issue 17; carry [.wheels]; rows written as they
+#   bash benchmarks/device_run.sh scale [scale.py args...]   # issue 17 (rows dp,peer,host,disk,diskdp); carry [.wheels]; rows written as they
 #        finish, the call stops starting rows after SCALE_BUDGET s (default 500); run it again on the warm
 #        machine to go on (--resume: the rows and models of the earlier calls stay under /root and /tmp)
 # Installs the carried wheels (.wheels/) first; llm-compressor goes on the same path (it runs in

@@ -20,6 +20,7 @@ Rows (key = kind/shape/layers/run/where):
   (VmHWM) fitted linearly in the layer count and extrapolated to 80 layers.
 - disk: model.stream on `--disk-layers` layers written one shard at a time (benchmarks/scale_models.py),
   its time extrapolated to 80 layers (capture + 80 x mean block time after the first).
+- diskdp: the disk row data-parallel under torchrun (every rank streams the blocks), on each `--gpus` count above 1.
 """
 
 from __future__ import annotations
@@ -224,14 +225,18 @@ class Bench:
                     return False
         return True
 
-    def host_row(self, kind: str, layers: int, stream: bool) -> bool:
+    def host_row(self, kind: str, layers: int, stream: bool, gpus: int = 1) -> bool:
         a = self.args
         shape, run = a.host_shape, a.host_run
-        key = f"{kind}/{shape}/{layers}l/{run}/{'stream' if stream else 'memory'}"
+        key = f"{kind}/{shape}/{layers}l/{run}/{'stream' if stream else 'memory'}" + (f"/{gpus}gpu" if gpus > 1 else "")
         if self.done(key):
             return True
-        meta = {"key": key, "kind": kind, "tool": "llmc", "shape": shape, "run": run, "gpus": 1, "stream": stream,
+        meta = {"key": key, "kind": kind, "tool": "llmc", "shape": shape, "run": run, "gpus": gpus, "stream": stream,
                 "full_layers": SHAPES[shape]["num_hidden_layers"]}
+        if a.device == "cuda" and gpus > torch.cuda.device_count():
+            self.add({**meta, "layers": layers, "error": f"needs {gpus} GPUs, this machine has "
+                                                         f"{torch.cuda.device_count()}"})
+            return True
         dims = SHAPES[shape]
         short = self.disk_shortfall(shape, dims, layers)
         if short:
@@ -249,8 +254,9 @@ class Bench:
             meta["build"] = build
         if stream:
             meta["cache_dropped"] = drop_page_cache(folder)
-        cmd = [sys.executable, str(HERE / "scale_driver.py"), "--model", str(folder), "--bench-run", run,
-               "--device", a.device, "--out", str(self.work / (key.replace("/", "_") + ".json")), *self.common()]
+        driver = [str(HERE / "scale_driver.py"), "--model", str(folder), "--bench-run", run,
+                  "--device", a.device, "--out", str(self.work / (key.replace("/", "_") + ".json")), *self.common()]
+        cmd = [sys.executable, *driver] if gpus == 1 else [*torchrun(gpus), *driver]
         return self.execute(key, meta, cmd + (["--stream"] if stream else []))
 
     def disk_shortfall(self, shape: str, dims: dict, layers: int) -> str | None:
@@ -284,6 +290,9 @@ class Bench:
                         return
         if "disk" in kinds and a.disk_layers and not self.host_row("disk", a.disk_layers, True):
             return
+        for gpus in a.gpu_counts if "diskdp" in kinds and a.disk_layers else []:  # the disk row data-parallel
+            if gpus > 1 and not self.host_row("disk", a.disk_layers, True, gpus):
+                return
         print(f"all rows done: {self.out.with_suffix('.md')}", flush=True)
 
 
@@ -295,7 +304,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tag", default="dev", help="results go to benchmarks/results/scale_<tag>.json/.md")
     parser.add_argument("--out", default="", help="instead of benchmarks/results/scale_<tag>")
-    parser.add_argument("--rows", default="dp,peer", help="any of dp,peer,host,disk (in this order)")
+    parser.add_argument("--rows", default="dp,peer", help="any of dp,peer,host,disk,diskdp (in this order; diskdp: "
+                        "the disk row under torchrun on each --gpus count above 1)")
     parser.add_argument("--shapes", default="llama2-7b,llama3-8b", help="dp and peer rows' shapes")
     parser.add_argument("--layers", type=int, default=None, help="truncate the dp/peer shapes (tests, trials)")
     parser.add_argument("--gpus", default="1,2", help="dp rows: process counts (1 = plain, N = torchrun)")

@@ -37,7 +37,7 @@ def extrapolated_s(row: dict, layers: int) -> float | None:
 def rss_fit(rows: list[dict], stream: bool, full: int) -> tuple[float, float] | None:
     """(GiB per layer, GiB at `full` layers) of host peak RSS over the host rows of one mode."""
     pts = sorted({r["layers"]: r["rss_gib"] for r in rows if r.get("kind") in ("host", "disk")
-                  and r.get("stream") == stream and "rss_gib" in r}.items())
+                  and r.get("stream") == stream and "rss_gib" in r and r.get("gpus", 1) == 1}.items())
     if len(pts) < 2:
         return None
     n = len(pts)
@@ -122,7 +122,8 @@ def render(out: Path, data: dict) -> None:
         lines += [f"- {m}: {s:+.3f} GiB per layer, {at:.1f} GiB at 80 layers" for m, (s, at) in fits]
     for r in (r for r in data["rows"] if r.get("kind") == "disk" and "seconds" in r):
         full = r["full_layers"]
-        lines += ["", f"Disk-streamed {r['shape']} with {r['layers']} layers, extrapolated to {full}: "
+        on = f" on {r['gpus']} GPUs (data-parallel, per rank)" if r.get("gpus", 1) > 1 else ""
+        lines += ["", f"Disk-streamed {r['shape']} with {r['layers']} layers{on}, extrapolated to {full}: "
                   f"{extrapolated_s(r, full):.0f} s (capture {r['seconds'] - sum(r['per_block_s']):.1f} s + {full} x "
                   f"{mean_block(r):.2f} s per block after the first); GPU peak {r['peak_gib']:.2f} GiB does not grow "
                   f"with layers (one block on the GPU); host RSS {r['rss_gib']:.2f} GiB (planner: "
