@@ -8,16 +8,15 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import GGUF_NAME, build_tiny_model, tiny_config
+from conftest import build_tiny_model, tiny_config
 from transformers import AutoModelForCausalLM
 
 from llmc import compress
 from llmc.config import load_config
-from llmc.config.schema import ModelSection
 from llmc.data import build_calibration, load_named_documents
 from llmc.errors import ConfigError
 from llmc.methods import METHODS, get_methods, method_class
-from llmc.models import get_adapter, load_model
+from llmc.models import get_adapter
 from llmc.pipeline import BlockwisePipeline, capture_block_inputs
 from llmc.quant import FakeQuantLinear
 from llmc.schedule import block_targets
@@ -99,14 +98,12 @@ def test_gqa_group_without_head_dim_is_left_unscaled():
 
 @pytest.mark.real_model
 @torch.no_grad()
-def test_scaling_preserves_logits_real_model(real_model_path):
-    loaded = load_model(
-        ModelSection(type="SmolLM", path=str(real_model_path), gguf_file=GGUF_NAME, torch_dtype="float32")
-    )
+def test_scaling_preserves_logits_real_model(real_loaded):
+    loaded = real_loaded  # a private copy of the GGUF-loaded model (tests/conftest.py)
     model, adapter = loaded.model, loaded.adapter
     docs = load_named_documents("c4", "calib")[:50]
-    batches = build_calibration(docs, loaded.tokenizer, 2, 128, 1, "general", 0)
-    held = build_calibration(docs, loaded.tokenizer, 1, 48, 1, "general", 1)[0]["input_ids"]
+    batches = build_calibration(docs, loaded.tokenizer, 2, 64, 1, "general", 0)
+    held = build_calibration(docs, loaded.tokenizer, 1, 32, 1, "general", 1)[0]["input_ids"]
     expected = model(held).logits
     norm = adapter.get_blocks(model)[0].input_layernorm.weight.clone()
     _apply(model, adapter, _config({"weight_clip": False, "n_grid": 3}, group_size=128), batches, False)

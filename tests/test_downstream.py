@@ -211,7 +211,9 @@ def test_real_smollm2_rtn_w3_below_float_on_lambada(real_model_path, tmp_path):
     cfg = {
         "model": {"type": "SmolLM", "path": str(real_model_path), "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
                   "torch_dtype": "float32"},
-        "eval": {"eval_pos": ["pretrain", "fake_quant"], "seq_len": 512, "max_windows": 1,
+        # Perplexity is not the claim here: one 64-token window keeps its cost (two 512-token forwards) out.
+        # The LAMBADA margin is thin (measured 6/20 pretrain vs 4/20 fake_quant), so REAL_LIMIT stays 20.
+        "eval": {"eval_pos": ["pretrain", "fake_quant"], "seq_len": 64, "max_windows": 1,
                  "tasks": TASKS, "limit": REAL_LIMIT, "tasks_bs": 16},
         "quant": {"method": "RTN", "weight": {"bit": 3, "symmetric": False, "granularity": "per_group",
                                               "group_size": 128, "partial_group": True}},

@@ -254,23 +254,5 @@ def test_unexportable_configs_are_refused_before_work(tmp_path, tiny_llama_dir, 
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
 
 
-@pytest.mark.real_model
-def test_real_smollm2_int4_g64_asym(tmp_path, real_model_path):
-    """SmolLM2-135M: int4 g64 asymmetric export, bit-equal on all 210 linears, size on disk ~ theoretical."""
-    from llmc.inspect import inspect_checkpoint
-
-    cfg = {
-        "base": {"seed": 0, "device": "cpu"},
-        "model": {"type": "SmolLM", "path": str(real_model_path), "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-                  "torch_dtype": "float32"},
-        "quant": {"method": "RTN", "weight": {"bit": 4, "group_size": 64}},
-        "save": {"save_vllm": True, "save_path": str(tmp_path / "out")},
-    }
-    result = compress(load_config(cfg), progress=False)
-    folder = tmp_path / "out" / "vllm_quant_model"
-    assert_bit_equal(result, folder)
-    info = inspect_checkpoint(folder)
-    assert len(info.quantized) == 210 and info.weights == "int4, group 64, asymmetric"
-    assert 0.9 <= info.ratio <= 1.1, info.ratio
-    print(f"\nSmolLM2-135M int4 g64 asym: disk {info.disk_bytes:,} B, theoretical {info.theoretical_bytes:,} B, "
-          f"params {info.params:,}")
+# The real SmolLM2-135M int4 g64 asymmetric export (test_real_smollm2_int4_g64_asym) lives in
+# test_export_real_model.py, sharing one RTN run with the AutoAWQ and GPTQ exports.

@@ -1,6 +1,8 @@
 """Accuracy on the real SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI) and real WikiText-2 text.
 
 Protocol: WikiText-2 test, seq_len 2048, the first N_WINDOWS windows (see llmc.eval.perplexity).
+One window keeps the file cheap on CI's 2 cores (a 2048-token forward is ~10 s); the margins it
+leaves are noted at each claim.
 """
 
 from __future__ import annotations
@@ -17,14 +19,12 @@ import pytest
 import torch
 
 from llmc import compress
-from llmc.config.schema import ModelSection
 from llmc.data import load_eval_text, tokenize_windows
 from llmc.eval.perplexity import evaluate_perplexity
-from llmc.models import load_model
 
 pytestmark = pytest.mark.real_model
 
-N_WINDOWS = 2
+N_WINDOWS = 1
 SEQ_LEN = 2048
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[1]
@@ -36,8 +36,8 @@ def _model_section(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def loaded(real_model_path):
-    return load_model(ModelSection(**_model_section(real_model_path)))
+def loaded(_real_loaded_once):
+    return _real_loaded_once  # read only here (tests/conftest.py loads it once per worker)
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +61,13 @@ def pretrain_ppl(loaded, windows, reference_nll):
 
 def test_pretrain_ppl_equals_transformers(pretrain_ppl, reference_nll):
     assert pretrain_ppl == pytest.approx(math.exp(sum(reference_nll) / len(reference_nll)), rel=1e-5)
-    assert 10 < pretrain_ppl < 40  # a real language model, not random weights
+    assert 10 < pretrain_ppl < 40  # a real language model, not random weights (measured 15.15 on window 1)
 
 
 def test_streamed_ppl_equals_transformers(loaded, windows, reference_nll):
-    streamed = evaluate_perplexity(loaded.model, loaded.adapter, windows[:2], CPU, inference_per_block=True,
+    streamed = evaluate_perplexity(loaded.model, loaded.adapter, windows[:1], CPU, inference_per_block=True,
                                    progress=False)
-    assert streamed.ppl == pytest.approx(math.exp(sum(reference_nll[:2]) / 2), rel=1e-5)
+    assert streamed.ppl == pytest.approx(math.exp(reference_nll[0]), rel=1e-5)
 
 
 def _quantized(path: Path, weight: dict, save: dict | None = None):
@@ -93,7 +93,7 @@ def test_rtn_w4_g128_below_twice_pretrain_and_saves(real_model_path, pretrain_pp
                         {"save_fake": True, "save_trans": True, "save_path": str(out)})
     ppl = result.ppl("fake_quant")
     print(f"RTN W4 g128: {ppl:.4f} vs pretrain {pretrain_ppl:.4f}")
-    assert pretrain_ppl < ppl < 2 * pretrain_ppl
+    assert pretrain_ppl < ppl < 2 * pretrain_ppl  # window 1: 21.07 vs 15.15 (x1.39)
     ids = windows[:1, :64]
     with torch.no_grad():
         fake = result.model(ids).logits
@@ -108,24 +108,25 @@ def test_rtn_w8_per_channel_within_one_percent(real_model_path, pretrain_ppl):
     ppl = _quantized(real_model_path, {"bit": 8, "symmetric": True, "granularity": "per_channel",
                                        "group_size": -1}).ppl("fake_quant")
     print(f"RTN W8 per-channel: {ppl:.4f} vs pretrain {pretrain_ppl:.4f}")
-    assert abs(ppl - pretrain_ppl) / pretrain_ppl < 0.01
+    assert abs(ppl - pretrain_ppl) / pretrain_ppl < 0.01  # window 1: 15.182 vs 15.147 (+0.23%)
 
 
 @pytest.mark.slow
 def test_quickstart_prints_both_numbers(real_model_path, tmp_path):
     """`llmc run configs/quickstart.yml` as a user runs it; its printed table is parsed and checked."""
     out = tmp_path / "quickstart"
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    # The worker's thread share (tests/conftest.py): more threads than cores spin against the other worker.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
     proc = subprocess.run(
         [sys.executable, "-m", "llmc", "run", str(REPO / "configs" / "quickstart.yml"), "-q",
          "--set", f"save.save_path={out}", "--set", f"model.path={real_model_path}",
-         "--set", "eval.max_windows=2"],  # the quickstart's 8 windows cost a minute more on CI's 2 cores
+         "--set", "eval.max_windows=1"],  # the quickstart's 8 windows: 14 more 2048-token forwards on CI
         capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = dict(re.findall(r"^(pretrain|fake_quant)\s+wikitext2\s+2\s+2048\s+([\d.]+)$", proc.stdout, re.M))
+    rows = dict(re.findall(r"^(pretrain|fake_quant)\s+wikitext2\s+1\s+2048\s+([\d.]+)$", proc.stdout, re.M))
     assert set(rows) == {"pretrain", "fake_quant"}, proc.stdout
     pre, fq = float(rows["pretrain"]), float(rows["fake_quant"])
-    assert 10 < pre < 40 and pre < fq < 2 * pre
+    assert 10 < pre < 40 and pre < fq < 2 * pre  # RTN as in test_rtn_w4_g128...: 15.15 -> 21.07 on window 1
     saved = json.loads((out / "results.json").read_text())
     assert [round(r["ppl"], 4) for r in saved["perplexity"]] == [pre, fq]

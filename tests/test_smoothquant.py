@@ -8,12 +8,11 @@ import math
 
 import pytest
 import torch
-from conftest import GGUF_NAME, tiny_config
+from conftest import tiny_config
 from transformers import AutoModelForCausalLM
 
 from llmc import compress
 from llmc.config import load_config
-from llmc.config.schema import ModelSection
 from llmc.errors import ConfigError
 from llmc.methods import get_method
 from llmc.methods.smoothquant import SmoothQuant, smooth_scales
@@ -204,12 +203,10 @@ def _quant_method(**special):
 
 @pytest.mark.real_model
 @torch.no_grad()
-def test_real_smollm2_smoothing_keeps_logits(real_model_path):
+def test_real_smollm2_smoothing_keeps_logits(real_loaded):
     from llmc.data import build_calibration, load_named_documents
-    from llmc.models import load_model
 
-    loaded = load_model(ModelSection(type="SmolLM", path=str(real_model_path), gguf_file=GGUF_NAME,
-                                     torch_dtype="float32"))
+    loaded = real_loaded  # a private copy of the GGUF-loaded model (tests/conftest.py)
     model, adapter = loaded.model, loaded.adapter
     ids = loaded.tokenizer("SmoothQuant migrates the quantization difficulty from activations to weights.",
                            return_tensors="pt").input_ids
