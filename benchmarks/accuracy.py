@@ -22,10 +22,18 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, peer_run, prepare_files, smollm2_hf_dir  # noqa: E402
+from common import (  # noqa: E402
+    add_protocol_arguments,
+    calib_description,
+    calib_section,
+    device_name,
+    environment,
+    peer_run,
+    prepare_files,
+    selects,
+    smollm2_hf_dir,
+)
 from formats_table import FORMAT_METHODS, FORMAT_NOTES, formats_plan  # noqa: E402
 
 from llmc import compress  # noqa: E402
@@ -258,8 +266,7 @@ def llmc_run(model_dir: Path, args: argparse.Namespace, spec: dict) -> dict:
     cfg = {
         "base": {"seed": 42, "device": args.device},
         "model": {"type": "SmolLM", "path": str(model_dir), "torch_dtype": "float32"},
-        "calib": {"name": "c4", "n_samples": args.n_samples, "seq_len": args.calib_seq_len, "bs": args.calib_bs,
-                  "preproc": "general", "seed": 42},
+        "calib": calib_section(args),
         "eval": {"eval_pos": ["fake_quant" if "quant" in spec else "transformed" if spec else "pretrain"],
                  "name": "wikitext2", "seq_len": 2048, "max_windows": args.windows},
         **llmc_spec(spec),
@@ -362,12 +369,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", choices=sorted(TABLES), default="main",
                         help="main (weight-only, W8A8/W6A6, sparse), rotations (issue 14) or formats (issue 15)")
-    parser.add_argument("--windows", type=int, default=40)
-    parser.add_argument("--n-samples", type=int, default=128)
-    parser.add_argument("--calib-seq-len", type=int, default=512)
-    parser.add_argument("--calib-bs", type=int, default=8)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--only", default="", help="comma-separated settings or methods to run")
+    add_protocol_arguments(parser, "comma-separated settings, methods or setting/method to run")
     parser.add_argument("--peer-python", default="", help="python of an environment with llmcompressor")
     parser.add_argument("--out", default="", help="default benchmarks/results/accuracy_smollm2[_<table>]")
     parser.add_argument("--resume", action="store_true")
@@ -376,8 +378,7 @@ def main() -> None:
     parser.add_argument("--peer-only", action="store_true",
                         help="with --resume: run only llm-compressor again for the --only rows")
     args = parser.parse_args()
-    args.device_name = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
-        "cpu" if args.device == "auto" else args.device)
+    args.device_name = device_name(args.device)
     out = Path(args.out or "benchmarks/results/accuracy_smollm2" + ("" if args.table == "main" else f"_{args.table}"))
     if args.render:
         data = json.loads(out.with_suffix(".json").read_text())
@@ -396,8 +397,7 @@ def main() -> None:
                    "GPTQ (both tools): act-order with static groups, damping 0.01, block 128; other methods with "
                    "llmc's default special keys; llm-compressor: see the recipe column" if args.table == "rotations"
                    else FORMAT_METHODS,
-        "calibration": f"bundled C4 sample, {args.n_samples} x {args.calib_seq_len} tokens, general preproc, seed 42 "
-                       f"(ids sha256/16 {files['calib_sha256_16']})",
+        "calibration": calib_description(args, files),
         "evaluation": f"WikiText-2 test, first {args.windows} windows x 2048 tokens",
         "protocol": PROTOCOL,
         "command": "python " + " ".join(sys.argv),
@@ -409,15 +409,10 @@ def main() -> None:
         header["environment"] = previous["environment"]  # the first run's; each row names its device
         header["peer_versions"] = previous.get("peer_versions")
         header["command"] = previous["command"] + "; then " + header["command"]
-    only = {s.strip() for s in args.only.split(",") if s.strip()}
-
-    def selected(setting: str, method: str) -> bool:
-        return not only or bool({setting, method, f"{setting}/{method}"} & only)
-
     done = {(r["setting"], r["method"]): r for r in rows}
     order = {(setting, method): i for i, (setting, method, _) in enumerate(table_plan())}
     for setting, method, spec in table_plan():
-        if not selected(setting, method):
+        if not selects(args.only, setting, method):
             continue
         previous = done.get((setting, method))
         finished = previous is not None and "ppl" in previous or bool(previous and unavailable(spec))

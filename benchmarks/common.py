@@ -19,6 +19,42 @@ from llmc.fetch import default_cache_dir, fetch_smollm2
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+# ---- the real-model protocol the accuracy and downstream tables share ------------------------------
+
+
+def add_protocol_arguments(parser: argparse.ArgumentParser, only_help: str) -> None:
+    """Calibration (C4), evaluation windows (WikiText-2), device and row selection."""
+    parser.add_argument("--windows", type=int, default=40, help="WikiText-2 windows")
+    parser.add_argument("--n-samples", type=int, default=128)
+    parser.add_argument("--calib-seq-len", type=int, default=512)
+    parser.add_argument("--calib-bs", type=int, default=8)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--only", default="", help=only_help)
+
+
+def device_name(device: str) -> str:
+    """The device `base.device: <device>` runs on (auto: cuda when present)."""
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def calib_section(args: argparse.Namespace) -> dict:
+    return {"name": "c4", "n_samples": args.n_samples, "seq_len": args.calib_seq_len, "bs": args.calib_bs,
+            "preproc": "general", "seed": 42}
+
+
+def calib_description(args: argparse.Namespace, files: dict) -> str:
+    return (f"bundled C4 sample, {args.n_samples} x {args.calib_seq_len} tokens, general preproc, seed 42 "
+            f"(ids sha256/16 {files['calib_sha256_16']})")
+
+
+def selects(only: str, setting: str, method: str) -> bool:
+    """Whether `--only` (comma-separated settings, methods or setting/method; empty: all) picks the row."""
+    picked = {s.strip() for s in only.split(",") if s.strip()}
+    return not picked or bool({setting, method, f"{setting}/{method}"} & picked)
+
+
 def smollm2_hf_dir() -> Path:
     """SmolLM2-135M-Instruct dequantized from its GGUF and saved once as float32 safetensors, so
     that tools without GGUF support (the peer) load exactly the same weights."""

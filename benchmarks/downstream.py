@@ -23,11 +23,18 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import GPTQ_SPECIAL, WEIGHT_ONLY, resolved_quant_out, unavailable  # noqa: E402
-from common import environment, prepare_files, smollm2_hf_dir  # noqa: E402
+from common import (  # noqa: E402
+    add_protocol_arguments,
+    calib_description,
+    calib_section,
+    device_name,
+    environment,
+    prepare_files,
+    selects,
+    smollm2_hf_dir,
+)
 
 from llmc import compress  # noqa: E402
 from llmc.eval.perplexity import PROTOCOL  # noqa: E402
@@ -62,8 +69,7 @@ def row_config(args: argparse.Namespace, spec: dict, run_dir: Path) -> dict:
     return {
         "base": {"seed": 42, "device": args.device},
         "model": {"type": args.model_type, "path": str(args.model_dir), "torch_dtype": "float32"},
-        "calib": {"name": "c4", "n_samples": args.n_samples, "seq_len": args.calib_seq_len, "bs": args.calib_bs,
-                  "preproc": "general", "seed": 42},
+        "calib": calib_section(args),
         "eval": {"eval_pos": ["fake_quant" if "quant" in spec else "pretrain"], "name": "wikitext2",
                  "seq_len": args.eval_seq_len, "max_windows": args.windows, "tasks": list(TASKS),
                  "tasks_bs": args.tasks_bs, "limit": args.limit, "tasks_local": True},
@@ -192,13 +198,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=None, help="examples per task (default: full splits)")
     parser.add_argument("--tasks-bs", type=int, default=64, help="lm-eval batch size")
-    parser.add_argument("--windows", type=int, default=40, help="WikiText-2 windows of 2048 tokens")
     parser.add_argument("--eval-seq-len", type=int, default=2048)
-    parser.add_argument("--n-samples", type=int, default=128)
-    parser.add_argument("--calib-seq-len", type=int, default=512)
-    parser.add_argument("--calib-bs", type=int, default=8)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--only", default="", help="comma-separated settings, methods or setting/method")
+    add_protocol_arguments(parser, "comma-separated settings, methods or setting/method")
     parser.add_argument("--out", type=Path, default=OUT, help="<out>.json and <out>.md")
     parser.add_argument("--runs", type=Path, default=None, help="run folders (default <out dir>/downstream_runs)")
     parser.add_argument("--model-dir", type=Path, default=None, help="default: SmolLM2 as safetensors")
@@ -213,10 +214,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def pending(rows: list[dict], args: argparse.Namespace) -> list[tuple[str, str, dict]]:
     """The plan's rows to run now: selected by --only, and not already measured at this limit."""
-    only = {s.strip() for s in args.only.split(",") if s.strip()}
     done = {(r["setting"], r["method"]): r for r in rows}
     return [(s, m, spec) for s, m, spec in plan()
-            if (not only or {s, m, f"{s}/{m}"} & only) and (args.redo or not finished(done.get((s, m)), args.limit))]
+            if selects(args.only, s, m) and (args.redo or not finished(done.get((s, m)), args.limit))]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -229,8 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if lm_eval_version() is None:
         sys.exit("lm-eval is not installed: pip install 'llmc[eval]' (GPU machine: benchmarks/device_setup.sh)")
-    args.device_name = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
-        "cpu" if args.device == "auto" else args.device)
+    args.device_name = device_name(args.device)
     args.model_dir = args.model_dir or smollm2_hf_dir()
     files = prepare_files(args.model_dir, args, out.parent / ".work")
     header = {
@@ -239,8 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         "methods": "weights asymmetric in groups of 128 (`partial_group`: the last group of 576 inputs is 64 wide); "
                    "GPTQ: act-order with static groups, damping 0.01, block 128; AWQ: n_grid 20 with weight "
                    "clipping; quant_out at llmc's defaults (true with GPTQ)",
-        "calibration": f"bundled C4 sample, {args.n_samples} x {args.calib_seq_len} tokens, general preproc, seed 42 "
-                       f"(ids sha256/16 {files['calib_sha256_16']})",
+        "calibration": calib_description(args, files),
         "tasks": "0-shot, llmc's bundled offline copies with lm-eval's prompts (llmc/assets/downstream): "
                  + ", ".join(TASKS) + f"; batch size {args.tasks_bs}",
         "limit": args.limit,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import os
 import signal
 import sys
 
@@ -32,19 +31,6 @@ def _interrupted(exc: KeyboardInterrupt) -> int:
     outcome = f"the output was already complete at {written}" if written else "no output was written"
     print(f"llmc: interrupted ({name}); {outcome}", file=sys.stderr)
     return 128 + int(getattr(signal, name))
-
-
-def _rank() -> int:
-    """This process's rank under torchrun (0 otherwise)."""
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
-
-
-def _rank_tag() -> str:
-    """` (rank R)` on the error line of a multi-process run (torchrun), so it says which process failed."""
-    return f" (rank {_rank()})" if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         build_parser().print_help()
         return EXIT_USAGE
-    quiet = getattr(args, "quiet", False) or _rank() > 0  # torchrun: rank 0 alone logs and shows progress
+    from llmc.pipeline.distributed import env_rank
+
+    quiet = getattr(args, "quiet", False) or env_rank() > 0  # torchrun: rank 0 alone logs and shows progress
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="llmc: %(message)s")
     if quiet:
         _silence_tqdm()
@@ -140,7 +128,9 @@ def _run(args: argparse.Namespace, quiet: bool) -> int:
         compress(args.config, args.overrides, progress=not quiet, resume=args.resume)
         return 0
     except LlmcError as exc:
-        print(f"llmc: error{_rank_tag()}: {exc}", file=sys.stderr)
+        from llmc.pipeline.distributed import rank_tag
+
+        print(f"llmc: error{rank_tag()}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except MemoryError:
         print("llmc: error: out of CPU memory; lower calib.n_samples or eval.bs", file=sys.stderr)

@@ -51,7 +51,6 @@ from llmc.methods.gptq_block import ColumnQdq, quantize_block
 from llmc.methods.hessian import group_hessians, inverse_hessian_cholesky, obs_problem, obs_sweep
 from llmc.methods.sparse_base import is_pruned
 from llmc.models.adapter import ModelAdapter
-from llmc.models.moe import RoutedExperts
 from llmc.pipeline.blockwise import BlockContext, timed
 from llmc.pipeline.distributed import is_distributed
 from llmc.quant.fake_linear import FakeQuantLinear
@@ -257,11 +256,6 @@ def wrap_result(method: QuantMethod, ctx: BlockContext, name: str, result: GptqR
     return fq
 
 
-def routes_tokens(module: nn.Module) -> bool:
-    """Whether `module` holds MoE experts, whose routing counts the block's forward updates."""
-    return any(isinstance(m, RoutedExperts) for m in module.modules())
-
-
 def children_targets(ctx: BlockContext) -> dict[str, set[str]]:
     """The block's direct children that hold quantization targets, with the targets each holds."""
     owned: dict[str, set[str]] = {}
@@ -365,7 +359,7 @@ class GPTQ(QuantMethod):
                     results += self.quantize_group(ctx, group, hessian)
                 done.update(name for name, _ in group)
             if self._replays_final():
-                ctx.frozen = {c: outs for c, outs in frozen.items() if not routes_tokens(ctx.block.get_submodule(c))}
+                ctx.frozen = frozen
         else:
             with timed(self.stage_seconds, "hessian", ctx.device):
                 hessians, _ = group_hessians(ctx, groups)

@@ -49,11 +49,11 @@ class CompressionMethod:
     aliases: ClassVar[tuple[str, ...]] = ()
     needs_calibration: ClassVar[bool] = True
     resumable: ClassVar[bool] = True
+    """Whether a run with this method can resume from per-block checkpoints (else it runs without them)."""
     data_parallel: ClassVar[bool] = False
     """Whether the method calibrates correctly with batches split across processes (`torchrun`,
     `llmc.pipeline.distributed`): it is data-free or reads the calibration data only through statistics
     reduced over ranks (the Hessian of `llmc.methods.hessian`)."""
-    """Whether a run with this method can resume from per-block checkpoints (else it runs without them)."""
     state_attrs: ClassVar[tuple[str, ...]] = ("stage_seconds",)
     """Attributes (JSON-able: numbers, strings, lists, dicts) that carry the method's state from one
     block to the next; a resumed run gets them back from the checkpoint (`llmc.pipeline.checkpoint`)."""

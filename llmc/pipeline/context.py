@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from llmc.models.adapter import LinearGroup, ModelAdapter
+from llmc.models.moe import RoutedExperts
 from llmc.pipeline.capture import BlockInputs
 from llmc.quant.fake_linear import fake_weights_reused
 
@@ -75,7 +76,9 @@ class BlockContext:
         """Run the block over all calibration batches; returns the output hidden states."""
         if self.inputs is None:
             raise RuntimeError("this block has no calibration inputs (no method asked for calibration)")
-        with fake_weights_reused(self.block), self._replaying(self.frozen):
+        # a child holding MoE experts runs anyway: this forward counts their routing
+        replay = {c: outs for c, outs in self.frozen.items() if not routes_tokens(self.block.get_submodule(c))}
+        with fake_weights_reused(self.block), self._replaying(replay):
             return run_block(self.block, self.inputs, self.device, self._set_batch)
 
     def _set_batch(self, index: int) -> None:
@@ -235,6 +238,11 @@ class CheckedHidden(list):
     """A block's output hidden states with `finite`: whether all were finite (see `check_finite`)."""
 
     finite: bool | None = None
+
+
+def routes_tokens(module: nn.Module) -> bool:
+    """Whether `module` holds MoE experts, whose routing counts the block's forward updates."""
+    return any(isinstance(m, RoutedExperts) for m in module.modules())
 
 
 def real_tokens(t: Tensor, mask: Tensor | None) -> Tensor:

@@ -59,9 +59,18 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def env_rank() -> int:
+    """This process's rank as torchrun announces it (0 when not launched by it); still known after the
+    process group is gone, when the command line reports an error."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def rank_tag() -> str:
-    """` (rank R)` in a multi-process run, for error lines; empty otherwise."""
-    return f" (rank {rank()})" if is_distributed() else ""
+    """` (rank R)` in a multi-process run (torchrun), for error lines; empty otherwise."""
+    return f" (rank {env_rank()})" if env_world_size() > 1 else ""
 
 
 def check_methods(methods: Sequence, world: int) -> None:

@@ -135,15 +135,17 @@ def plan_memory(
         total = free + torch.cuda.memory_allocated(device)
     batches = max(1, -(-n_samples // max(1, batch_size)))
     on_disk = cache_policy == "disk"
+
+    def fits(blocks: int) -> bool:  # with the activation cache on the device
+        return total is None or blocks * block + cache + transient + method_bytes < 0.85 * total
+
     # on a CPU run host memory is the device's: the cache is there (auto, device, cpu) or on disk
     on_device = not on_disk and (cache_policy == "device" or device.type == "cpu" or (
-        cache_policy == "auto" and (total is None or block + cache + transient + method_bytes < 0.85 * total)
-    ))
+        cache_policy == "auto" and fits(1)))
     resident = resident_bytes(model)
     streamed = block_store(model) is not None
     blocks_in_host = device.type == "cuda" and not streamed and next(blocks[0].parameters()).device.type == "cpu"
-    overlap = blocks_in_host and on_device and (total is None or 3 * block + cache + transient + method_bytes
-                                                < 0.85 * total)
+    overlap = blocks_in_host and on_device and fits(3)
     host_model = resident + 2 * block if streamed else _bytes(model)
     runtime = max(0, current_rss() - resident) if measure_process else 0
     unit = max(blocks, key=_bytes) if streamed else model
