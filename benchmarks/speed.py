@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import json
 import subprocess
 import sys
@@ -131,7 +132,7 @@ def llmc_run(folder: Path, name: str, args: argparse.Namespace, base: torch.nn.M
                if any(m.uses_calibration for m in methods) else None)
     device = torch.device(args.device)
     reset_peak(device)
-    profiler = profiling(name in args.profile.split(","), device)
+    profiler = profiling(name in args.profile.split(","), device, args.profile_blocks)
     start = time.perf_counter()
     checkpoint = RunCheckpoint(Path(args.checkpoint) / name, "speed") if args.checkpoint else None
     with profiler:
@@ -146,8 +147,14 @@ def llmc_run(folder: Path, name: str, args: argparse.Namespace, base: torch.nn.M
         checkpoint.remove()
     if isinstance(profiler, torch.profiler.profile):
         table = profiler.key_averages().table(sort_by="self_cuda_time_total" if device.type == "cuda"
-                                              else "self_cpu_time_total", row_limit=30)
-        Path(f"{args.out}_profile_{name}.txt").write_text(f"{name} (profiled; slower than unprofiled)\n{table}\n")
+                                              else "self_cpu_time_total", row_limit=40)
+        span = f", blocks {args.profile_blocks}" if args.profile_blocks else ""
+        Path(f"{args.out}_profile_{name}.txt").write_text(f"{name} (profiled{span}; slower than unprofiled)\n{table}\n")
+        if args.profile_blocks:  # a timeline of those blocks only (chrome://tracing, perfetto)
+            profiler.export_chrome_trace(f"{args.out}_trace_{name}.json")
+            with open(f"{args.out}_trace_{name}.json", "rb") as raw, gzip.open(f"{args.out}_trace_{name}.json.gz", "wb") as gz:
+                gz.write(raw.read())
+            Path(f"{args.out}_trace_{name}.json").unlink()
     plan = pipeline.plan
     return {"tool": "llmc", "run": name, "seconds": seconds, "peak_gib": peak_gib(device),
             "planned_gib": plan.peak_device / 2**30, "per_block_s": pipeline.block_seconds,
@@ -155,14 +162,57 @@ def llmc_run(folder: Path, name: str, args: argparse.Namespace, base: torch.nn.M
             "blocks": len(pipeline.block_seconds), **extra}
 
 
-def profiling(on: bool, device: torch.device):
-    """A torch profiler over the run (ops by self device time), or nothing."""
+def profiling(on: bool, device: torch.device, blocks: str = ""):
+    """A torch profiler over the run (ops by self device time), or nothing. `blocks` "A:B": over blocks
+    A to B-1 only (started and stopped as the block loop brings block A and block B to the device)."""
     if not on:
         return contextlib.nullcontext()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    return torch.profiler.profile(activities=activities)
+    if not blocks:
+        return torch.profiler.profile(activities=activities)
+    return BlockSpanProfiler(activities, *map(int, blocks.split(":")))
+
+
+def sync_all() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class BlockSpanProfiler(torch.profiler.profile):
+    """A profiler active from the arrival of block `first` to the arrival of block `stop` (or the end)."""
+
+    def __init__(self, activities, first: int, stop: int) -> None:
+        super().__init__(activities=activities, with_stack=False)
+        self.first, self.stop_at, self.active = first, stop, False
+
+    def __enter__(self):
+        from llmc.pipeline import offload
+
+        original = offload.BlockTrips.arrive
+
+        def arrive(trips, index):
+            if index == self.first and not self.active:
+                sync_all()
+                self.start()
+                self.active = True
+            elif index == self.stop_at and self.active:
+                sync_all()
+                self.stop()
+                self.active = False
+            return original(trips, index)
+
+        self._restore = lambda: setattr(offload.BlockTrips, "arrive", original)
+        offload.BlockTrips.arrive = arrive
+        return self
+
+    def __exit__(self, *exc):
+        self._restore()
+        if self.active:
+            sync_all()
+            self.stop()
+            self.active = False
 
 
 def ppl_run(folder: Path, args: argparse.Namespace, base: torch.nn.Module) -> dict:
@@ -236,6 +286,7 @@ def main() -> None:
     parser.add_argument("--peer", default="", help="comma-separated runs to repeat with llm-compressor")
     parser.add_argument("--peer-python", default=sys.executable)
     parser.add_argument("--profile", default="", help="comma-separated llmc runs to profile (op table to <out>_profile_<run>.txt)")
+    parser.add_argument("--profile-blocks", default="", help="A:B: profile blocks A to B-1 only, with a trace")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--checkpoint", default="",
                         help="write llmc's resume checkpoints after every block into this folder (their cost)")

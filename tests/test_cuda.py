@@ -158,3 +158,78 @@ def test_host_activation_cache_is_pinned_and_changes_nothing(tiny_model_dir):
         runs[cache] = {n: m.fake_weight().detach().cpu() for n, m in fake_quant_modules(result.model)}
     for name, w in runs["cpu"].items():
         assert torch.equal(w, runs["device"][name]), name
+
+
+def _gptq_problem():
+    """A 7B-like GPTQ layer: 512 rows of a 4096-column weight, the Hessian of random bf16 activations."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(4096, 4096, device="cuda", generator=gen) * torch.linspace(0.05, 4, 4096, device="cuda")).bfloat16()
+    w = (torch.randn(512, 4096, device="cuda", generator=gen) * 0.02).bfloat16()
+    return w, 2 / x.shape[0] * (x.float().T @ x.float())
+
+
+FUSED_QUANTIZERS = {  # GPTQ's default sweep: int per_group, dynamic groups, minmax
+    "asym": {"symmetric": False},
+    "asym bf16": {"symmetric": False, "scale_dtype": torch.bfloat16},
+    "sym half_range bf16": {"symmetric": True, "sym_scale": "half_range", "scale_dtype": torch.bfloat16},
+    "sym fp16": {"symmetric": True, "scale_dtype": torch.float16},
+}
+
+
+@pytest.mark.parametrize("kind", list(FUSED_QUANTIZERS))
+def test_fused_gptq_group_is_calc_qparams_and_the_kernel(kind):
+    """One group through the fused launch: params bit-identical to calc_qparams, Q and errors those of the
+    unfused kernel given them, read from and written into views of the whole weight (no copies)."""
+    from llmc.methods import gptq_block
+    from llmc.methods.hessian import inverse_hessian_cholesky
+    from llmc.quant.quantizer import IntQuantizer
+
+    w, h = _gptq_problem()
+    W, U = w.float(), inverse_hessian_cholesky(h, 0.01)
+    W[:4, 130] = torch.tensor([7 * (1 + 2**-8), 7 * (1 + 3 * 2**-8), 7.5 * (1 + 3 * 2**-8), 15 * (1 + 3 * 2**-8)])
+    W[3, 128:256] = W[3, 128:256].abs()  # asymmetric: a range from 0, a tie for bf16 scales
+    sq = IntQuantizer(bit=4, granularity="per_channel", **FUSED_QUANTIZERS[kind])
+    Q, err = torch.zeros_like(W), torch.empty(512, 128, device="cuda")
+    scale, zero = torch.empty(512, device="cuda"), torch.empty(512, device="cuda")
+    gptq_block.quantize_group_fused(W[:, 128:256], U[128:256, 128:256], Q[:, 128:256], err, scale, zero, sq)
+    s, z = sq.calc_qparams(W[:, 128:256])
+    assert torch.equal(scale, s.view(-1)) and torch.equal(zero, z.view(-1))
+    q_ref, e_ref = gptq_block.quantize_block_triton(W[:, 128:256], U[128:256, 128:256], s, z, sq.qmin, sq.qmax)
+    assert torch.equal(Q[:, 128:256], q_ref) and torch.equal(err, e_ref)
+    assert Q[:, :128].eq(0).all() and Q[:, 256:].eq(0).all()
+    q_torch, _ = gptq_block.quantize_block_torch(W[:, 128:256].clone(), U[128:256, 128:256], s, z, sq.qmin, sq.qmax)
+    assert (Q[:, 128:256] == q_torch).float().mean().item() > 0.99
+
+
+@pytest.mark.parametrize("kind", list(FUSED_QUANTIZERS))
+def test_fused_gptq_sweep_matches_unfused_and_torch(kind, monkeypatch):
+    """The whole sweep: each launch's params are calc_qparams of the columns it got; the result is the
+    unfused kernel's exactly (same loop, same inputs) and the torch loop's up to FMA near-ties."""
+    from llmc.methods import gptq
+    from llmc.quant.quantizer import IntQuantizer
+
+    w, h = _gptq_problem()
+    q = IntQuantizer(bit=4, granularity="per_group", group_size=128, **FUSED_QUANTIZERS[kind])
+    launch, launched = gptq.quantize_group_fused, []
+
+    def checking(W1, Hinv1, Q1, Err1, scale, zero, sq):
+        columns = W1.clone()
+        launch(W1, Hinv1, Q1, Err1, scale, zero, sq)
+        s, z = sq.calc_qparams(columns)
+        assert torch.equal(scale, s.view(-1)) and torch.equal(zero, z.view(-1)), len(launched)
+        launched.append(W1.shape[1])
+
+    monkeypatch.setattr(gptq, "quantize_group_fused", checking)
+    fused = gptq.gptq_quantize(w, h, q)
+    assert launched == [128] * 32
+    monkeypatch.setattr(gptq, "use_triton", lambda W1: False)  # the unfused kernel per block
+    unfused = gptq.gptq_quantize(w, h, q)
+    assert len(launched) == 32
+    for got, want in ((fused.weight, unfused.weight), (fused.scale, unfused.scale), (fused.zero, unfused.zero)):
+        assert torch.equal(got, want)
+    monkeypatch.setenv("LLMC_GPTQ_KERNEL", "torch")
+    loop = gptq.gptq_quantize(w, h, q)
+    # A near-tie rounded the other way changes the rest of its row (its error goes to every later column).
+    assert (fused.weight == loop.weight).float().mean().item() > 0.9
+    x_err = [((w.float() - r.weight) @ h @ (w.float() - r.weight).T).trace().item() for r in (fused, loop)]
+    assert x_err[0] == pytest.approx(x_err[1], rel=1e-2)

@@ -290,21 +290,24 @@ def test_replaying_finished_children_changes_nothing(model, tiny_llama_dir, tiny
 
 
 def test_quantized_block_forward_replays_attention_when_weight_only(tiny_llama_dir, monkeypatch):
-    """The pipeline's forward of the GPTQ block replays the attention output recorded in the passes
-    (weight-only); with activation quantization the wrapped block computes otherwise, so nothing is."""
+    """The pipeline's forward of the GPTQ block replays attention and the MLP through their last linears,
+    whose inputs the passes kept (weight-only); with activation quantization the wrapped block computes
+    otherwise, so nothing is."""
     from llmc.pipeline import BlockContext
+    from llmc.pipeline.context import LinearReplay
 
     seen: list[set[str]] = []
     original = BlockContext.forward
 
     def spy(self):
         seen.append(set(self.frozen))
+        assert all(isinstance(r, LinearReplay) for r in self.frozen.values())
         return original(self)
 
     monkeypatch.setattr(BlockContext, "forward", spy)
     weight = {"bit": 4, "granularity": "per_group", "group_size": 32}
     llmc.compress(tiny_config(tiny_llama_dir, quant={"method": "GPTQ", "weight": weight}), progress=False)
-    assert seen and all(s == {"self_attn"} for s in seen)
+    assert seen and all(s == {"self_attn", "mlp"} for s in seen)
     seen.clear()
     act = {"bit": 8, "symmetric": True, "granularity": "per_token"}
     llmc.compress(tiny_config(tiny_llama_dir, quant={"method": "GPTQ", "weight": weight, "act": act}), progress=False)
@@ -406,3 +409,23 @@ def test_inverse_hessian_factor_holds_two_matrices_at_most():
     matrix = h.numel() * 4
     assert tracked.peak <= 2 * matrix + 4096, tracked.peak / matrix
     assert upper.shape == h.shape
+
+
+def test_memory_plan_counts_the_kept_linear_inputs():
+    """The plan holds, per calibration token, the inputs the passes keep to replay attention (o_proj's)
+    and, for the forward of the quantized block, the MLP (down_proj's) beside the solve's work."""
+    from conftest import build_tiny_model
+
+    from llmc.models import get_adapter
+
+    model = build_tiny_model("llama", 384)
+    adapter = get_adapter("auto", "llama")
+    block = adapter.get_blocks(model)[0]
+    o_in, down_in = block.self_attn.o_proj.in_features, block.mlp.down_proj.in_features
+    tokens, elem = 10_000, next(model.parameters()).element_size()
+    weight = {"bit": 4, "granularity": "per_group", "group_size": 32}
+    replaying = GPTQ(QuantSection(method="GPTQ", weight=weight))
+    plain = GPTQ(QuantSection(method="GPTQ", weight=weight))
+    plain.replay_children = False
+    assert (replaying.extra_device_bytes(model, adapter, tokens) - plain.extra_device_bytes(model, adapter, tokens)
+            == tokens * elem * (o_in + down_in))

@@ -48,7 +48,7 @@ SCRIPT = textwrap.dedent(
         qz = IntQuantizer(bit=4, symmetric=False, granularity="per_group", group_size=32)
         gptq_block.use_triton = lambda W1: False
         ref = gptq.gptq_quantize(W, H, qz, **kwargs)
-        gptq.quantize_block = gptq_block.quantize_block_triton
+        gptq.quantize_block = lambda W1, H1, S1, Z1, lo, hi, *_: gptq_block.quantize_block_triton(W1, H1, S1, Z1, lo, hi)
         out = gptq.gptq_quantize(W, H, qz, **kwargs)
         gptq.quantize_block = gptq_block.quantize_block
         same = torch.isclose(out.weight, ref.weight, rtol=1e-5, atol=1e-7).float().mean().item()

@@ -210,6 +210,7 @@ def observed(monkeypatch) -> dict[tuple[int, str], int]:
 def hessians(monkeypatch) -> dict[tuple[int, str], torch.Tensor]:
     """GPTQ's Hessian of each group, per (block, the group's first linear)."""
     import llmc.methods.gptq as gptq
+    import llmc.methods.sequential_passes as passes
 
     found: dict[tuple[int, str], torch.Tensor] = {}
     original = gptq.group_hessians
@@ -220,7 +221,8 @@ def hessians(monkeypatch) -> dict[tuple[int, str], torch.Tensor]:
             found[ctx.index, group[0][0]] = h.clone()
         return hs, recorded
 
-    monkeypatch.setattr(gptq, "group_hessians", group_hessians)
+    monkeypatch.setattr(gptq, "group_hessians", group_hessians)  # true_sequential: false
+    monkeypatch.setattr(passes, "group_hessians", group_hessians)  # true_sequential
     return found
 
 

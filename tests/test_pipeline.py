@@ -235,3 +235,37 @@ def test_released_inputs_in_memory_are_freed():
     del hidden
     inputs.release()
     assert len(inputs.hidden) == 0 and ref() is None
+
+
+@torch.no_grad()
+def test_replay_through_last_linear_reproduces_the_child_or_refuses(tiny_model_dir):
+    """A child replayed through its last linear's kept inputs gives exactly its outputs of every batch,
+    without running what precedes the linear; a child that does more after that linear is refused."""
+    from llmc.pipeline.context import LinearReplay
+
+    adapter, block, _, ctx = _first_block_context(tiny_model_dir, seed=7)
+    out_linear = adapter.groups[1].linears[0]  # attention's output projection
+    attention = out_linear.split(".")[0]
+    kept: list[torch.Tensor] = []
+    handle = block.get_submodule(out_linear).register_forward_pre_hook(lambda _m, args: kept.append(args[0]))
+    recorded = ctx.forward_until(attention, record=[attention])[attention]
+    handle.remove()
+    replay = ctx.replay_through(attention, out_linear, kept, {})
+    assert isinstance(replay, LinearReplay) and len(replay) == len(recorded) == 2
+    first = block.get_submodule(adapter.groups[0].linears[0])
+    calls: list[int] = []
+    first_handle = first.register_forward_hook(lambda *_: calls.append(1))
+    for batch, real in enumerate(recorded):
+        ctx.batch = batch
+        got = replay[batch]
+        real = real[0] if isinstance(real, tuple) else real
+        assert torch.equal(got[0] if isinstance(got, tuple) else got, real)
+    assert not calls, "replaying must not run the attention's input projections"
+    first_handle.remove()
+    child = block.get_submodule(attention)
+    original = type(child).forward
+    child.forward = lambda *a, **k: (original(child, *a, **k)[0] * 2, None)  # something after the linear
+    try:
+        assert ctx.replay_through(attention, out_linear, kept, {}) is None
+    finally:
+        del child.forward

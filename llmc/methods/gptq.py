@@ -47,8 +47,9 @@ from torch import Tensor, nn
 
 from llmc.errors import ConfigError, NumericsError
 from llmc.methods.base import QuantMethod, register_method
-from llmc.methods.gptq_block import ColumnQdq, quantize_block
-from llmc.methods.hessian import group_hessians, inverse_hessian_cholesky, obs_problem, obs_sweep
+from llmc.methods.gptq_block import ColumnQdq, quantize_block, quantize_group_fused, use_triton
+from llmc.methods.hessian import BlockWriter, group_hessians, inverse_hessian_cholesky, obs_problem, obs_sweep
+from llmc.methods.sequential_passes import kept_features, sequential_passes
 from llmc.methods.sparse_base import is_pruned
 from llmc.models.adapter import ModelAdapter
 from llmc.pipeline.blockwise import BlockContext, timed
@@ -139,6 +140,25 @@ class ColumnGrids:
         """All groups' scales and zero points, `[rows, n_groups]`."""
         return torch.stack([p[0] for p in self.params], dim=1), torch.stack([p[1] for p in self.params], dim=1)
 
+    def fused_solver(self, W: Tensor, U: Tensor) -> BlockWriter | None:
+        """Dynamic integer groups with minmax ranges, where the Triton kernel runs: `obs_sweep`'s solver
+        for blocks of one group each (in order), one launch per group that also fixes its params
+        (`quantize_group_fused`, the values `start` would give); None elsewhere."""
+        if not (self.dynamic and self.qdq is None and self.quantizer.calib_algo == "minmax"
+                and use_triton(W[:, : self.group_size])):
+            return None
+        scales = W.new_empty(len(self.params), W.shape[0])
+        zeros = torch.empty_like(scales)
+        err = W.new_empty(W.shape[0], self.group_size)  # reused by every group
+
+        def write(i1: int, i2: int, W1: Tensor, Q1: Tensor) -> Tensor:
+            g = i1 // self.group_size
+            self.params[g] = scales[g], zeros[g]
+            quantize_group_fused(W1, U[i1:i2, i1:i2], Q1, err[:, : i2 - i1], scales[g], zeros[g], self.slice_quantizer)
+            return err[:, : i2 - i1]
+
+        return write
+
     def result(self, Q: Tensor, g_idx: Tensor) -> GptqResult:
         scale, zero = self.stacked()
         return GptqResult(Q, scale.reshape(-1, 1), zero.reshape(-1, 1), g_idx.long())
@@ -196,7 +216,8 @@ def gptq_quantize(
         prune1 = pruned[:, i1:i2] if pruned is not None else None
         return quantize_block(W1, Hinv[i1:i2, i1:i2], S1, Z1, quantizer.qmin, quantizer.qmax, prune1, grids.qdq)
 
-    Q = obs_sweep(W, Hinv, blocksize, solve_block)
+    fused = grids.fused_solver(W, Hinv) if not actorder and pruned is None else None
+    Q = obs_sweep(W, Hinv, blocksize, fused or solve_block, writes_q=fused is not None)
     if actorder:
         inv = torch.argsort(perm)
         Q, col_group = Q[:, inv], col_group[inv]
@@ -256,16 +277,6 @@ def wrap_result(method: QuantMethod, ctx: BlockContext, name: str, result: GptqR
     return fq
 
 
-def children_targets(ctx: BlockContext) -> dict[str, set[str]]:
-    """The block's direct children that hold quantization targets, with the targets each holds."""
-    owned: dict[str, set[str]] = {}
-    for name in ctx.targets:
-        child = name.split(".", 1)[0]
-        if child != name:
-            owned.setdefault(child, set()).add(name)
-    return owned
-
-
 class GroupIndexFakeQuantLinear(FakeQuantLinear):
     """A fake-quant linear whose per_group params belong to arbitrary column groups `g_idx`
     (GPTQ act-order with dynamic groups), instead of contiguous runs of `group_size` columns."""
@@ -311,9 +322,11 @@ class GPTQ(QuantMethod):
 
     def extra_device_bytes(self, model: nn.Module, adapter: ModelAdapter, calib_tokens: int) -> int:
         """float32 Hessians held at once, plus GPTQ's working set for the largest group or, during
-        the true-sequential passes, the replayed outputs of a finished child (one hidden state per token)."""
-        held = work = 0
+        the true-sequential passes, what they keep to replay finished children (`sequential_passes`:
+        a hidden state, or the inputs of the linears that close a child, per token)."""
+        held = work = kept = 0
         for block in adapter.get_blocks(model):
+            kept = max(kept, kept_features(block, [g.linears for g in adapter.block_groups(block)], self._replays_final()))
             sizes = []
             for group in adapter.block_groups(block):
                 linears = [block.get_submodule(n) for n in group.linears]
@@ -326,7 +339,8 @@ class GPTQ(QuantMethod):
             work = max(work, max(4 * (copies * i * i + 4 * i * r) for i, r in sizes))
         replayed = 0
         if self.special.true_sequential and self.replay_children:
-            replayed = calib_tokens * model.get_input_embeddings().embedding_dim * next(model.parameters()).element_size()
+            per_token = max(kept, model.get_input_embeddings().embedding_dim)
+            replayed = calib_tokens * per_token * next(model.parameters()).element_size()
         # kept for the block's forward after the last solve, or freed before it
         return held + (work + replayed if self._replays_final() else max(work, replayed))
 
@@ -342,24 +356,8 @@ class GPTQ(QuantMethod):
             return
         results: list[tuple[str, GptqResult]] = []
         if self.special.true_sequential:
-            # A child of the block whose linears are all quantized, and which ran to completion in a
-            # pass, gives the same output in every later pass: record it once, replay it after.
-            frozen: dict[str, list] = {}
-            done: set[str] = set()
-            owned = children_targets(ctx) if self.replay_children and ctx.inputs_on_device() else {}
-            for k, group in enumerate(groups):
-                last = k == len(groups) - 1
-                ready = [c for c, names in owned.items() if c not in frozen and names <= done] if not last else []
-                with timed(self.stage_seconds, "hessian", ctx.device):
-                    (hessian,), recorded = group_hessians(ctx, [group], replay=frozen, record=ready)
-                frozen.update(recorded)
-                if last and not self._replays_final():
-                    frozen.clear()
-                with timed(self.stage_seconds, "solve", ctx.device):
-                    results += self.quantize_group(ctx, group, hessian)
-                done.update(name for name, _ in group)
-            if self._replays_final():
-                ctx.frozen = frozen
+            results = sequential_passes(ctx, groups, lambda group, hessian: self.quantize_group(ctx, group, hessian),
+                                        self.stage_seconds, self.replay_children, self._replays_final())
         else:
             with timed(self.stage_seconds, "hessian", ctx.device):
                 hessians, _ = group_hessians(ctx, groups)

@@ -88,17 +88,27 @@ BlockSolver = Callable[[int, int, Tensor], tuple[Tensor, Tensor]]
 updated by every earlier block; returns (Q1, Err1), the new columns and their scaled errors."""
 
 
-def obs_sweep(W: Tensor, U: Tensor, blocksize: int, solve_block: BlockSolver) -> Tensor:
+BlockWriter = Callable[[int, int, Tensor, Tensor], Tensor]
+"""`(i1, i2, W1, Q1)`: a `BlockSolver` that gets the view `W[:, i1:i2]` itself (not read after the
+block), writes the new columns into the view `Q1 = Q[:, i1:i2]` and returns Err1 (no copies)."""
+
+
+def obs_sweep(W: Tensor, U: Tensor, blocksize: int, solve_block: BlockSolver | BlockWriter,
+              writes_q: bool = False) -> Tensor:
     """The column sweep of GPTQ and SparseGPT (lazy batch updates): the columns of `W` in blocks of
     `blocksize`; each block is solved by `solve_block` (which spreads each column's error over the
     block's later columns) and its errors then update all later columns at once through the rows
-    `U[i1:i2, i2:]` of the inverse-Hessian factor. `W` is updated in place; returns Q."""
+    `U[i1:i2, i2:]` of the inverse-Hessian factor. `W` is updated in place; returns Q. With
+    `writes_q`, `solve_block` is a `BlockWriter`."""
     Q = torch.zeros_like(W)
     cols = W.shape[1]
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        Q1, Err1 = solve_block(i1, i2, W[:, i1:i2].clone())
-        Q[:, i1:i2] = Q1
+        if writes_q:
+            Err1 = solve_block(i1, i2, W[:, i1:i2], Q[:, i1:i2])
+        else:
+            Q1, Err1 = solve_block(i1, i2, W[:, i1:i2].clone())
+            Q[:, i1:i2] = Q1
         W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
     return Q
 
@@ -151,9 +161,11 @@ def group_hessians(
     groups: list[list[tuple[str, nn.Module]]],
     replay: dict[str, list] | None = None,
     record: Sequence[str] = (),
+    keep_input: list[Tensor] | None = None,
 ) -> tuple[list[Tensor], dict[str, list]]:
     """One forward over the calibration set, stopping before the last group's first linear runs;
-    H = 2/n X^T X of each group's input (real tokens only), and the outputs of `record`."""
+    H = 2/n X^T X of each group's input (real tokens only), and the outputs of `record`. With
+    `keep_input` (a list), the last group's first linear's whole input of every batch is appended to it."""
     first = [group[0][0] for group in groups]
     sums: dict[str, Tensor | None] = dict.fromkeys(first)
     tokens = dict.fromkeys(first, 0)
@@ -165,9 +177,16 @@ def group_hessians(
             upper_only.add(name)
         tokens[name] += rows.shape[0]
 
-    with ctx.hook_inputs(first, add, only_real_tokens=True):
-        # groups are in execution order; later layers are not needed
-        recorded = ctx.forward_until(first[-1], inclusive=False, replay=replay, record=record)
+    # the raw input (an online input transform is the linear's own business when it is replayed)
+    keeping = None if keep_input is None else ctx.block.get_submodule(first[-1]).register_forward_pre_hook(
+        lambda _m, args: keep_input.append(args[0]))
+    try:
+        with ctx.hook_inputs(first, add, only_real_tokens=True):
+            # groups are in execution order; later layers are not needed
+            recorded = ctx.forward_until(first[-1], inclusive=False, replay=replay, record=record)
+    finally:
+        if keeping is not None:
+            keeping.remove()
     for name in upper_only:
         symmetrize(sums[name])
     widths = [group[0][1].in_features for group in groups]

@@ -41,7 +41,8 @@ def add_elapsed(seconds: dict[str, float], stage: str, since: float, device: tor
 def timed(seconds: dict[str, float], stage: str, device: torch.device) -> Iterator[None]:
     """Add the wall time of the body to `seconds[stage]`."""
     start = time.perf_counter()
-    yield
+    with torch.profiler.record_function(stage):  # a range in profiler traces
+        yield
     add_elapsed(seconds, stage, start, device)
 
 

@@ -35,6 +35,24 @@ class ModuleCall:
         return out[0] if isinstance(out, tuple) else out
 
 
+class LinearReplay:
+    """A finished child's output of every batch, recomputed from the recorded input of its last linear:
+    `child(...) == linear(inputs[b])` (as a 1-tuple plus `tail` when the child returns a tuple). The
+    linear is looked up by name at each call, so a wrapped (fake-quant) linear is the one that runs.
+    Holding the linear's input instead of the child's output skips everything before the linear in
+    the child (for attention: the q/k/v projections, rotary embeddings and attention itself)."""
+
+    def __init__(self, block: nn.Module, linear: str, inputs: list[Tensor], tail: tuple | None) -> None:
+        self.block, self.linear, self.inputs, self.tail = block, linear, inputs, tail
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, batch: int):
+        out = self.block.get_submodule(self.linear)(self.inputs[batch])
+        return out if self.tail is None else (out, *self.tail)
+
+
 @dataclass
 class BlockContext:
     """What a method may use to process one block."""
@@ -136,6 +154,24 @@ class BlockContext:
             for h in handles:
                 h.remove()
         return {n: outs for n, outs in recorded.items() if len(outs) == count}
+
+    @torch.no_grad()
+    def replay_through(self, child: str, linear: str, inputs: list[Tensor], replay: dict[str, list]
+                       ) -> LinearReplay | None:
+        """`child`'s outputs as `LinearReplay` of `linear` (its last linear, whose input of every batch
+        is `inputs`), when that reproduces the child exactly on batch 0 (run with `replay`); else None:
+        something runs after the linear in the child, or the child returns more than the linear's output
+        (or the linear did not run once per batch: MoE experts see only their routed tokens)."""
+        if len(inputs) != len(self.inputs) or routes_tokens(self.block.get_submodule(child)):
+            return None
+        real = self.forward_until(child, batches=1, replay=replay, record=[child]).get(child, [None])[0]
+        candidate = self.block.get_submodule(linear)(inputs[0])
+        if isinstance(real, Tensor):
+            return LinearReplay(self.block, linear, inputs, None) if torch.equal(real, candidate) else None
+        if (isinstance(real, tuple) and real and isinstance(real[0], Tensor) and torch.equal(real[0], candidate)
+                and all(x is None for x in real[1:])):
+            return LinearReplay(self.block, linear, inputs, real[1:])
+        return None
 
     @contextlib.contextmanager
     def _replaying(self, replay: dict[str, list]) -> Iterator[None]:
