@@ -229,7 +229,7 @@ def test_fused_gptq_sweep_matches_unfused_and_torch(kind, monkeypatch):
         assert torch.equal(got, want)
     monkeypatch.setenv("LLMC_GPTQ_KERNEL", "torch")
     loop = gptq.gptq_quantize(w, h, q)
-    # A near-tie rounded the other way changes the rest of its row (its error goes to every later column).
-    assert (fused.weight == loop.weight).float().mean().item() > 0.9
+    # A near-tie rounded the other way (FMA in the kernel's update) changes the rest of its row, since its
+    # error goes to every later column: on the H200 30% of these weights differ, so compare the layer error.
     x_err = [((w.float() - r.weight) @ h @ (w.float() - r.weight).T).trace().item() for r in (fused, loop)]
     assert x_err[0] == pytest.approx(x_err[1], rel=1e-2)

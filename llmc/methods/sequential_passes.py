@@ -8,7 +8,8 @@ are all solved gives the same output in every later pass, so it is not run again
     input of every batch is kept during the pass that measures its Hessian, and later passes run only
     the linear (`BlockContext.replay_through`, checked on batch 0 to reproduce the child exactly);
     a pass after attention's o_proj then skips the q/k/v projections, rotary embeddings and attention;
-  * otherwise the child's outputs are recorded in the next pass that runs it and replayed after.
+  * otherwise, and after that one pass, the child's outputs are recorded in the pass that runs it and
+    replayed after.
 With `keep_final`, what the passes kept is handed to the pipeline's forward of the processed block
 (`BlockContext.frozen`), which then runs only the MLP's down_proj, not its gate/up projections.
 Only with the calibration activations on the device: everything kept is one activation per token.
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 from llmc.methods.hessian import group_hessians
 from llmc.pipeline.blockwise import BlockContext, timed
-from llmc.pipeline.context import routes_tokens
+from llmc.pipeline.context import LinearReplay, routes_tokens
 
 Group = list[tuple[str, nn.Module]]
 
@@ -80,7 +81,10 @@ def sequential_passes(
     for k, group in enumerate(groups):
         last = k == len(groups) - 1
         closing = closed_by(group, owned, done, ctx.block) if (keep_final or not last) else None
-        ready = [c for c, names in owned.items() if c not in frozen and names <= done] if not last else []
+        # a child replayed through its linear is recorded in the next pass (its outputs then replayed as
+        # they are, its linear's inputs freed): not last, since that pass's recordings serve no later pass
+        ready = [c for c, names in owned.items()
+                 if (c not in frozen or isinstance(frozen[c], LinearReplay)) and names <= done] if not last else []
         kept: list[Tensor] | None = [] if closing is not None else None
         with timed(seconds, "hessian", ctx.device):
             (hessian,), recorded = group_hessians(ctx, [group], replay=frozen, record=ready, keep_input=kept)
