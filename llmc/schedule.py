@@ -169,6 +169,7 @@ def _compress_batches(
     plan = plan_memory(
         model, blocks, n_samples, seq_len, batch_size, device,
         method_bytes=max(m.extra_device_bytes(model, adapter, n_samples * seq_len) for m in methods),
+        replay_bytes=max(m.replay_device_bytes(model, adapter, n_samples * seq_len) for m in methods),
         cache_policy=cfg.base.act_cache, measure_process=True,
         save_fake=bool(cfg.save.save_path and cfg.save.save_fake),
         save_trans=bool(cfg.save.save_path and cfg.save.save_trans),

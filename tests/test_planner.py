@@ -53,3 +53,15 @@ def test_host_cache_keeps_two_batches_on_the_device():
     assert plan.peak_device == GIB + 2 * (8 * GIB // 32) + GIB + 2 * GIB
     assert plan.peak_host == 28 * GIB
     check_fits(plan, torch.device("cuda"))
+
+
+def test_replay_bytes_count_only_with_the_cache_on_the_device():
+    """What a method keeps to replay (GPTQ's children) needs the activations on the device: an
+    offloaded cache's plan leaves it out."""
+    from llmc.pipeline.planner import MemoryPlan
+
+    base = dict(block_bytes=10, cache_bytes=100, transient_bytes=5, method_bytes=7, device_total=None,
+                host_model_bytes=0, batches=4, replay_bytes=1000)
+    on, off = MemoryPlan(cache_on_device=True, **base), MemoryPlan(cache_on_device=False, **base)
+    assert on.peak_device == 10 + 100 + 5 + 7 + 1000
+    assert off.peak_device == 10 + 2 * 100 // 4 + 5 + 7

@@ -321,9 +321,18 @@ class GPTQ(QuantMethod):
         return "per_group" in grans and sp.actorder and not sp.static_groups
 
     def extra_device_bytes(self, model: nn.Module, adapter: ModelAdapter, calib_tokens: int) -> int:
-        """float32 Hessians held at once, plus GPTQ's working set for the largest group or, during
-        the true-sequential passes, what they keep to replay finished children (`sequential_passes`:
-        a hidden state, or the inputs of the linears that close a child, per token)."""
+        held, work, _ = self._device_plan(model, adapter, calib_tokens)
+        return held + work
+
+    def replay_device_bytes(self, model: nn.Module, adapter: ModelAdapter, calib_tokens: int) -> int:
+        held, work, replayed = self._device_plan(model, adapter, calib_tokens)
+        # kept for the block's forward after the last solve, or freed before it
+        return replayed if self._replays_final() else max(0, replayed - work)
+
+    def _device_plan(self, model: nn.Module, adapter: ModelAdapter, calib_tokens: int) -> tuple[int, int, int]:
+        """float32 Hessians held at once; GPTQ's working set for the largest group; and, with the activation
+        cache on the device, what the true-sequential passes keep to replay finished children
+        (`sequential_passes`: a hidden state, or the inputs of the linears that close a child, per token)."""
         held = work = kept = 0
         for block in adapter.get_blocks(model):
             kept = max(kept, kept_features(block, [g.linears for g in adapter.block_groups(block)], self._replays_final()))
@@ -341,8 +350,7 @@ class GPTQ(QuantMethod):
         if self.special.true_sequential and self.replay_children:
             per_token = max(kept, model.get_input_embeddings().embedding_dim)
             replayed = calib_tokens * per_token * next(model.parameters()).element_size()
-        # kept for the block's forward after the last solve, or freed before it
-        return held + (work + replayed if self._replays_final() else max(work, replayed))
+        return held, work, replayed
 
     def _replays_final(self) -> bool:
         q = self.quant

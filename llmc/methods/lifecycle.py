@@ -106,3 +106,8 @@ class CompressionMethod:
     def extra_device_bytes(self, model: nn.Module, adapter: ModelAdapter, calib_tokens: int) -> int:
         """Device memory this method keeps beyond the block and its activations (for the planner)."""
         return 0
+
+    def replay_device_bytes(self, model: nn.Module, adapter: ModelAdapter, calib_tokens: int) -> int:
+        """Device memory beyond `extra_device_bytes` taken only with the activation cache on the device
+        (what the method then keeps to skip recomputing, e.g. GPTQ's replayed children)."""
+        return 0

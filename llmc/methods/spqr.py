@@ -273,6 +273,8 @@ class SpQR(QuantMethod):
     # it calls this class's quantize_group and wrap.
     process_block = GPTQ.process_block
     extra_device_bytes = GPTQ.extra_device_bytes
+    replay_device_bytes = GPTQ.replay_device_bytes
+    _device_plan = GPTQ._device_plan
     _replays_final = GPTQ._replays_final
 
     zero_points = frozenset({False})  # its float zero points are quantized by quant.special.zero

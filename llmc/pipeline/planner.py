@@ -51,6 +51,8 @@ class MemoryPlan:
     (a 2048-token window of a 49k vocabulary: 0.75 GiB, more than a small model itself)."""
     cache_dir: str | None = None
     """With `base.act_cache: disk`, the folder the activation cache is made in (None: not on disk)."""
+    replay_bytes: int = 0
+    """Device memory the methods take beyond `method_bytes` only with the activation cache on the device."""
     overlap: bool = False
     """Whether block transfers overlap the work (`BlockwisePipeline.overlap_transfers`): two more blocks
     on the device, the next one arriving and the last one leaving. Only with the activation cache on the
@@ -60,7 +62,11 @@ class MemoryPlan:
     def peak_device(self) -> int:
         cache = self.cache_bytes if self.cache_on_device else 2 * self.cache_bytes // max(1, self.batches)
         blocks = 3 if self.overlap else 1
-        return blocks * self.block_bytes + cache + self.transient_bytes + self.method_bytes
+        return blocks * self.block_bytes + cache + self.transient_bytes + self.method_bytes_used
+
+    @property
+    def method_bytes_used(self) -> int:
+        return self.method_bytes + (self.replay_bytes if self.cache_on_device else 0)
 
     @property
     def peak_host(self) -> int:
@@ -82,7 +88,7 @@ class MemoryPlan:
             f"memory plan: peak device {self.peak_device / GIB:.2f} GiB (block {self.block_bytes / GIB:.2f}"
             f"{' x 3, transfers overlapped' if self.overlap else ''}, "
             f"activation cache {self.cache_bytes / GIB:.2f} on {where}, transient {self.transient_bytes / GIB:.2f}, "
-            f"method {self.method_bytes / GIB:.2f}); peak host {self.peak_host / GIB:.2f} GiB ({model} "
+            f"method {self.method_bytes_used / GIB:.2f}); peak host {self.peak_host / GIB:.2f} GiB ({model} "
             f"{self.host_model_bytes / GIB:.2f}, process {self.host_runtime_bytes / GIB:.2f}, saving "
             f"{self.save_bytes / GIB:.2f}, evaluating {self.eval_bytes / GIB:.2f})"
         )
@@ -115,6 +121,7 @@ def plan_memory(
     batch_size: int,
     device: torch.device,
     method_bytes: int = 0,
+    replay_bytes: int = 0,
     cache_policy: str = "auto",
     measure_process: bool = False,
     save_fake: bool = False,
@@ -122,7 +129,8 @@ def plan_memory(
     eval_tokens: int = 0,
     cache_dir: str | None = None,
 ) -> MemoryPlan:
-    """`cache_dir`: where the activation cache goes with `cache_policy="disk"`."""
+    """`cache_dir`: where the activation cache goes with `cache_policy="disk"`; `replay_bytes`: what the
+    methods take beyond `method_bytes` with the activation cache on the device (`replay_device_bytes`)."""
     param = next(model.parameters())
     elem = param.element_size()
     hidden = getattr(model.config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
@@ -137,7 +145,7 @@ def plan_memory(
     on_disk = cache_policy == "disk"
 
     def fits(blocks: int) -> bool:  # with the activation cache on the device
-        return total is None or blocks * block + cache + transient + method_bytes < 0.85 * total
+        return total is None or blocks * block + cache + transient + method_bytes + replay_bytes < 0.85 * total
 
     # on a CPU run host memory is the device's: the cache is there (auto, device, cpu) or on disk
     on_device = not on_disk and (cache_policy == "device" or device.type == "cpu" or (
@@ -155,7 +163,8 @@ def plan_memory(
     return MemoryPlan(block, cache, transient, method_bytes, on_device, total, host_model, batches,
                       host_runtime_bytes=runtime, device_is_host=device.type == "cpu", streamed=streamed,
                       save_bytes=save, eval_bytes=2 * eval_tokens * _vocab(model) * 4 if device.type == "cpu" else 0,
-                      cache_dir=str(cache_dir or tempfile.gettempdir()) if on_disk else None, overlap=overlap)
+                      cache_dir=str(cache_dir or tempfile.gettempdir()) if on_disk else None, overlap=overlap,
+                      replay_bytes=replay_bytes)
 
 
 def _vocab(model: nn.Module) -> int:
