@@ -4,6 +4,8 @@
     python benchmarks/speed.py --shape llama2-70b --layers 2 --runs rtn,gptq,awq     # truncated 70B
     python benchmarks/speed.py --shape llama2-7b --runs gptq --peer gptq             # + llm-compressor
     python benchmarks/speed.py --shape llama2-7b --layers 2 --runs gptq --profile gptq  # op-level profile
+    python benchmarks/speed.py --shape llama2-7b --layers 4 --runs gptq --profile gptq --profile-blocks 2:3
+        # one steady block only: op table plus a timeline (<out>_trace_gptq.json.gz, perfetto / chrome://tracing)
 
 The model is built once with random weights (bf16) and saved as safetensors under
 --model-root; load time is excluded. Each run reports end-to-end wall time (input capture

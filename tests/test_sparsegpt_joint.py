@@ -17,6 +17,7 @@ from llmc import compress, load_config
 from llmc.errors import ConfigError
 from llmc.export import quantized_linears
 from llmc.methods import gptq as gptq_module
+from llmc.methods import sequential_passes as passes_module
 from llmc.methods import sparsegpt as sparsegpt_module
 from llmc.methods.gptq import gptq_quantize
 from llmc.methods.sparse_base import is_pruned
@@ -74,7 +75,7 @@ def run_block(sparse: dict, quant: dict, monkeypatch) -> tuple[torch.nn.Module, 
             return original(*args, **kwargs)
         return hessians
 
-    for module in (sparsegpt_module, gptq_module):
+    for module in (sparsegpt_module, gptq_module, passes_module):
         monkeypatch.setattr(module, "group_hessians", counted(module.group_hessians))
     torch.manual_seed(0)  # the toy linears' biases come from the global generator
     block = ToyBlock()
