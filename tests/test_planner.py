@@ -65,3 +65,11 @@ def test_replay_bytes_count_only_with_the_cache_on_the_device():
     on, off = MemoryPlan(cache_on_device=True, **base), MemoryPlan(cache_on_device=False, **base)
     assert on.peak_device == 10 + 100 + 5 + 7 + 1000
     assert off.peak_device == 10 + 2 * 100 // 4 + 5 + 7
+
+
+def test_overlapped_trips_count_their_pinned_staging_in_host_memory():
+    from llmc.pipeline.planner import MemoryPlan
+
+    base = dict(block_bytes=10, cache_bytes=100, transient_bytes=5, method_bytes=7, device_total=None,
+                host_model_bytes=1000, batches=4, cache_on_device=True)
+    assert MemoryPlan(overlap=True, **base).peak_host - MemoryPlan(overlap=False, **base).peak_host == 2 * 10

@@ -75,8 +75,8 @@ class MemoryPlan:
             loop = host + self.peak_device - self.block_bytes
         elif self.cache_dir is not None:  # on disk: the two batches in flight, read and written
             loop = host + 2 * self.cache_bytes // max(1, self.batches)
-        else:
-            loop = host + (0 if self.cache_on_device else self.cache_bytes)
+        else:  # overlapped trips stage the two blocks in flight through pinned host memory (offload.staged_to)
+            loop = host + (0 if self.cache_on_device else self.cache_bytes) + (2 * self.block_bytes if self.overlap else 0)
         return max(loop, host + self.save_bytes, host + self.eval_bytes)
 
     def describe(self) -> str:
