@@ -325,7 +325,7 @@ class GPTQ(QuantMethod):
         return held + work
 
     def replay_device_bytes(self, model: nn.Module, adapter: ModelAdapter, calib_tokens: int) -> int:
-        held, work, replayed = self._device_plan(model, adapter, calib_tokens)
+        _, work, replayed = self._device_plan(model, adapter, calib_tokens)
         # kept for the block's forward after the last solve, or freed before it
         return replayed if self._replays_final() else max(0, replayed - work)
 
@@ -335,10 +335,11 @@ class GPTQ(QuantMethod):
         (`sequential_passes`: a hidden state, or the inputs of the linears that close a child, per token)."""
         held = work = kept = 0
         for block in adapter.get_blocks(model):
-            kept = max(kept, kept_features(block, [g.linears for g in adapter.block_groups(block)], self._replays_final()))
+            groups = [g.linears for g in adapter.block_groups(block)]
+            kept = max(kept, kept_features(block, groups, self._replays_final()))
             sizes = []
-            for group in adapter.block_groups(block):
-                linears = [block.get_submodule(n) for n in group.linears]
+            for names in groups:
+                linears = [block.get_submodule(n) for n in names]
                 sizes.append((linears[0].in_features, sum(m.out_features for m in linears)))
             hessians = [4 * i * i for i, _ in sizes]
             held = max(held, max(hessians) if self.special.true_sequential else sum(hessians))
